@@ -1,0 +1,65 @@
+"""Environment settings: where things live and what hardware to use.
+
+One pydantic-settings root, read from `INCREMENTAL_*` environment variables and `.env`, built once
+at an entry point (CLI, flow) and passed down. Run-to-run knobs (learning rate, gate margins) are
+not here: they are the flow's parameters, see `config.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BASE = "embedded"
+
+
+class Settings(BaseSettings):
+    """Where the feedback, the versions and the base model come from."""
+
+    model_config = SettingsConfigDict(env_prefix="INCREMENTAL_", env_file=".env", extra="ignore", frozen=True)
+
+    model: str = Field(
+        "tiny",
+        description="Default model name: the folder under `models_root` that holds its versions.",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+    )
+    db_path: Path = Field(Path("feedback.duckdb"), description="DuckDB file that holds feedback and run records.")
+    models_root: Path = Field(Path("finetuned_models"), description="Root of the version folders, one folder per model.")
+    base_model: str = Field(
+        EMBEDDED_BASE,
+        description=(
+            "Base model: a Hugging Face id (e.g. codellama/CodeLlama-7b-hf), a local folder, or "
+            f"'{EMBEDDED_BASE}' for the tiny Llama model this project builds and pretrains on CPU."
+        ),
+    )
+    base_model_revision: str | None = Field(None, description="Hub revision (commit or tag) of `base_model`; recorded in every manifest.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
+    quantization: Literal["auto", "4bit", "none"] = Field(
+        "auto", description="'auto' loads the base in 4-bit NF4 (QLoRA) on CUDA and in float32 on CPU."
+    )
+    embedded_cache_dir: Path = Field(
+        Path("~/.cache/incremental/embedded"),
+        description="Where the embedded base model is built once and reused.",
+    )
+    db_lock_timeout_s: float = Field(30.0, gt=0, description="How long to retry when another process holds the DuckDB file.")
+
+    @field_validator("embedded_cache_dir", "db_path", "models_root")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def resolved_device(self) -> str:
+        """'cuda' or 'cpu'; 'auto' picks CUDA when torch sees a GPU."""
+        if self.device != "auto":
+            return self.device
+        import torch  # deferred: settings are read by light commands that never touch a model
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def use_4bit(self) -> bool:
+        if self.quantization == "auto":
+            return self.resolved_device() == "cuda"
+        return self.quantization == "4bit"
