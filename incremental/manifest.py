@@ -40,7 +40,6 @@ class DataRecord(BaseModel):
     eval_ids: tuple[str, ...] = Field(description="Held-out rows the gate scored on (never trained).")
     rejected_ids: tuple[str, ...] = Field((), description="'needs_improvement' rows without a correction: scored, never trained.")
     n_train_examples: int
-    n_truncated: int = 0
 
 
 class TrainingRecord(BaseModel):
@@ -54,10 +53,10 @@ class TrainingRecord(BaseModel):
     steps: int
     epochs: float
     train_loss: float | None
-    first_step_loss: float | None = None
     trainable_parameters: int
     target_tokens: int
     wall_seconds: float
+    n_truncated: int = Field(0, description="Train examples cut to max_length.")
 
 
 class GateRecord(BaseModel):
@@ -109,3 +108,73 @@ class Manifest(BaseModel):
     @classmethod
     def read(cls, path: Path) -> "Manifest":
         return cls.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+# Libraries whose versions shape a run's result; recorded in every manifest.
+RECORDED_LIBRARIES = (
+    "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+    "evaluate", "tokenizers", "duckdb", "prefect", "incremental-lora",
+)  # fmt: skip
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape a run (read from metadata, nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def draft_manifest(
+    *,
+    name: str,
+    model: str,
+    parent: str | None,
+    created_at: datetime,
+    base: BaseModelRef,
+    config,
+    snapshot,
+    training: TrainingRecord,
+    candidate_scores,
+    parent_scores,
+    decision,
+) -> Manifest:
+    """The manifest of a finished candidate, before the registry settles status and promotion.
+
+    `config` is the RunConfig, `snapshot` the DatasetSnapshot, the scores `EvalScores | None`
+    and `decision` the gate's `Decision` (typed loosely to keep this module free of heavy imports).
+    """
+    return Manifest(
+        name=name,
+        model=model,
+        parent=parent,
+        status="accepted" if decision.accepted else "rejected",
+        created_at=created_at,
+        base_model=base,
+        run_config=config.model_dump(mode="json"),
+        libraries=library_versions(),
+        data=DataRecord(
+            dataset_hash=snapshot.dataset_hash,
+            eval_snapshot_hash=snapshot.eval_snapshot_hash,
+            new_ids=snapshot.new_ids,
+            replay_ids=snapshot.replay_ids,
+            eval_ids=snapshot.eval_ids,
+            rejected_ids=snapshot.rejected_ids,
+            n_train_examples=len(snapshot.new_ids) + len(snapshot.replay_ids),
+        ),
+        training=training,
+        scores={
+            "candidate": dict(candidate_scores.metrics) if candidate_scores else {},
+            "parent": dict(parent_scores.metrics) if parent_scores else {},
+        },
+        gate=GateRecord(
+            verdict=decision.verdict.value,
+            reasons=decision.reasons,
+            policy=config.gate.model_dump(mode="json"),
+        ),
+    )

@@ -1,0 +1,150 @@
+"""Load a base model and put a LoRA adapter on it: a new one (base mode), the parent's to continue
+training (incremental mode), or several named ones to score side by side.
+
+On CUDA the base loads in 4-bit NF4 through bitsandbytes (QLoRA) by default; on CPU in float32,
+since bfloat16 matrix products are hundreds of times slower on common CPUs. Knows nothing about
+versions or the registry: callers pass adapter folders.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from incremental.config import LoraSettings
+from incremental.errors import ConfigurationError
+from incremental.manifest import BaseModelRef
+from incremental.settings import EMBEDDED_BASE, Settings
+
+log = logging.getLogger("incremental")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how the base model runs."""
+
+    device: str  # "cpu" | "cuda"
+    quantization: str  # "4bit" | "none"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Hardware":
+        return cls(device=settings.resolved_device(), quantization="4bit" if settings.use_4bit() else "none")
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A base model's identity (recorded in manifests) and where to load it from."""
+
+    ref: BaseModelRef
+    source: str  # hub id or local folder
+
+    @property
+    def load_revision(self) -> str | None:
+        """The hub revision to pass to from_pretrained; a local or embedded folder takes none."""
+        return self.ref.revision if self.ref.id == self.source else None
+
+
+def resolve_base(settings: Settings) -> ResolvedBase:
+    """The base model named by the settings, building the embedded one on first use.
+
+    The embedded base is identified by the hash of its spec (its cache folder's name), so a
+    manifest names exactly which tiny model its adapter belongs to.
+    """
+    if settings.base_model == EMBEDDED_BASE:
+        from incremental.embedded import ensure_embedded_base
+
+        path = ensure_embedded_base(settings.embedded_cache_dir)
+        return ResolvedBase(BaseModelRef(id=EMBEDDED_BASE, revision=path.name), str(path))
+    return ResolvedBase(BaseModelRef(id=settings.base_model, revision=settings.base_model_revision), settings.base_model)
+
+
+def locate_base(ref: BaseModelRef, settings: Settings) -> ResolvedBase:
+    """Where to load the base a manifest names (serving resolves the base from the tree alone)."""
+    if ref.id != EMBEDDED_BASE:
+        return ResolvedBase(ref, ref.id)
+    cached = settings.embedded_cache_dir / (ref.revision or "")
+    if ref.revision and cached.is_dir():
+        return ResolvedBase(ref, str(cached))
+    built = resolve_base(settings.model_copy(update={"base_model": EMBEDDED_BASE}))
+    if built.ref.revision != ref.revision:
+        raise ConfigurationError(
+            f"the embedded base {ref.revision} is not in {settings.embedded_cache_dir} and this release builds "
+            f"{built.ref.revision}; point INCREMENTAL_EMBEDDED_CACHE_DIR at the cache that holds it"
+        )
+    return built
+
+
+def check_same_base(parent_base: BaseModelRef, current: BaseModelRef, parent_name: str) -> None:
+    """An adapter only fits the exact base it was trained on; refuse a mismatch before training."""
+    if (parent_base.id, parent_base.revision) != (current.id, current.revision):
+        raise ConfigurationError(
+            f"{parent_name} was trained on base model {parent_base.id!r} (revision {parent_base.revision}), "
+            f"but the settings name {current.id!r} (revision {current.revision}). Set INCREMENTAL_BASE_MODEL "
+            "(and INCREMENTAL_BASE_MODEL_REVISION) to the parent's base, or train under a new model name."
+        )
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    if tokenizer.pad_token_id is None:
+        # Llama-family tokenizers ship without a pad token; padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(source: str, revision: str | None, hardware: Hardware):
+    """The base model, frozen, on the chosen device."""
+    kwargs: dict = {"revision": revision}
+    if hardware.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if hardware.device == "cuda" else torch.float32,
+        )
+        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else {"": "cpu"}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if hardware.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if hardware.quantization != "4bit":
+        model.to(hardware.device)
+    model.config.use_cache = False  # training and loss-only scoring never reuse a KV cache
+    return model
+
+
+def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettings, hardware: Hardware) -> PeftModel:
+    """Base mode: a fresh LoRA adapter. Incremental mode: the parent's adapter, trainable.
+
+    Continuing keeps the parent's adapter config (rank, targets): its weights only fit that shape,
+    so `lora` applies to new adapters alone. The optimizer is always fresh (see training.py).
+    """
+    if hardware.quantization == "4bit":
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=hardware.device == "cuda",
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant default is being removed
+        )
+    if parent_adapter is None:
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, config)
+    else:
+        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise RuntimeError("the adapter has no trainable parameters; it was loaded frozen")
+    return model
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

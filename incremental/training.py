@@ -1,0 +1,157 @@
+"""Train the candidate of a run: continue the parent's LoRA adapter (or start one in base mode) on
+the run's train split, with the Hugging Face Trainer, and save it as safetensors.
+
+Knows nothing about feedback, gates or the registry: it receives the parent's adapter folder (or
+None), the dataset snapshot and the settings, and writes `adapter_model.safetensors` and
+`adapter_config.json` into an output folder. Each run starts a fresh optimizer and schedule
+(continue, not resume: the parent's optimizer state belongs to the parent's data).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from incremental.config import RunConfig, TrainSettings
+from incremental.dataset import IGNORE_INDEX, DatasetSnapshot, tokenize_train
+from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from incremental.manifest import TrainingRecord
+from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, count_trainable, load_base, load_tokenizer
+
+log = logging.getLogger("incremental")
+
+ProgressFn = Callable[[int, int], None]  # (optimizer step, total steps)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    train_loss: float | None
+    target_tokens: int
+    wall_seconds: float
+
+
+def train_candidate(
+    base: ResolvedBase,
+    hardware: Hardware,
+    parent_name: str | None,
+    parent_adapter: Path | None,
+    snapshot: DatasetSnapshot,
+    config: RunConfig,
+    output_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    show_progress_bar: bool = True,
+) -> TrainingRecord:
+    """Load base (+ parent adapter, trainable), train on the snapshot's train split, save the adapter."""
+    started = time.perf_counter()
+    if parent_adapter is None:
+        log.info("[INCREMENTAL] Loading base model (no previous fine-tuning found)")
+    else:
+        log.info("[INCREMENTAL] Loading previous fine-tuned model: %s", parent_name)
+    tokenizer = load_tokenizer(base.source, base.load_revision)
+    model = attach_trainable_adapter(
+        load_base(base.source, base.load_revision, hardware), parent_adapter, config.lora, hardware
+    )
+    if parent_adapter is not None:
+        log.info("[INCREMENTAL] ✅ Successfully loaded fine-tuned model! Continuing %s", parent_name)
+    dataset, n_truncated = tokenize_train(snapshot.read_train(), tokenizer, config.train.max_length)
+    result = train_adapter(
+        model,
+        tokenizer,
+        dataset,
+        config.train,
+        output_dir,
+        device=hardware.device,
+        progress=progress,
+        show_progress_bar=show_progress_bar,
+    )
+    return TrainingRecord(
+        mode="base" if parent_adapter is None else "incremental",
+        device=hardware.device,
+        quantization=hardware.quantization,
+        steps=result.steps,
+        epochs=config.train.epochs,
+        train_loss=result.train_loss,
+        trainable_parameters=count_trainable(model),
+        target_tokens=result.target_tokens,
+        wall_seconds=round(time.perf_counter() - started, 3),
+        n_truncated=n_truncated,
+    )
+
+
+class _ReportProgress(TrainerCallback):
+    """Forwards optimizer steps to a plain callable (the Prefect task turns it into a progress artifact)."""
+
+    def __init__(self, progress: ProgressFn):
+        self.progress = progress
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress(state.global_step, state.max_steps)
+
+
+def train_adapter(
+    model,
+    tokenizer,
+    dataset,
+    settings: TrainSettings,
+    output_dir: Path,
+    *,
+    device: str,
+    progress: ProgressFn | None = None,
+    show_progress_bar: bool = True,
+) -> TrainResult:
+    """Train `model`'s trainable adapter on a tokenized dataset and save only the adapter files."""
+    started = time.perf_counter()
+    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
+    with tempfile.TemporaryDirectory(prefix="incremental-trainer-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,  # the Trainer wants one; nothing is checkpointed mid-run
+            save_strategy="no",
+            report_to="none",
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            learning_rate=settings.learning_rate,
+            num_train_epochs=settings.epochs,
+            warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the steps
+            lr_scheduler_type="linear",
+            weight_decay=settings.weight_decay,
+            logging_steps=max(1, steps_per_epoch),
+            seed=settings.seed,
+            data_seed=settings.seed,
+            use_cpu=device == "cpu",
+            bf16=device == "cuda",
+            # Batches of similar length waste less compute on padding.
+            train_sampling_strategy="group_by_length",
+            dataloader_num_workers=0,
+            disable_tqdm=not show_progress_bar,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+            callbacks=[_ReportProgress(progress)] if progress else [],
+        )
+        output = trainer.train()
+    model.save_pretrained(str(output_dir), safe_serialization=True)
+    # PEFT also writes a model-card README; a version folder holds the adapter and manifest only.
+    for extra in output_dir.iterdir():
+        if extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            extra.unlink()
+    target_tokens = sum(sum(1 for label in example["labels"] if label != IGNORE_INDEX) for example in dataset)
+    loss = output.training_loss
+    return TrainResult(
+        steps=output.global_step,
+        train_loss=float(loss) if loss is not None and math.isfinite(loss) else None,
+        target_tokens=int(target_tokens * settings.epochs),
+        wall_seconds=time.perf_counter() - started,
+    )
+
