@@ -1,0 +1,1 @@
+"""Deployment declarations for the retrain flow: nightly schedule, manual runs, GPU work pools."""

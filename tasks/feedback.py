@@ -1,0 +1,40 @@
+"""Feedback-store tasks: read what the lineage has not learned, record what a version consumed, record runs."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from incremental.dataset import DatasetSnapshot
+from incremental.feedback import CollectedFeedback, FeedbackStore
+from incremental.settings import Settings
+
+
+def open_store(settings: Settings) -> FeedbackStore:
+    return FeedbackStore(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
+
+
+# A read: safe to retry when another process holds the DuckDB file longer than the store waits.
+@task(name="collect-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def collect_feedback(settings: Settings, model: str, lineage: tuple[str, ...]) -> CollectedFeedback:
+    store = open_store(settings)
+    store.init()
+    return store.collect(model, lineage)
+
+
+@task(name="record-consumption", cache_policy=NO_CACHE)
+def record_consumption(settings: Settings, model: str, version: str, snapshot: DatasetSnapshot) -> None:
+    """Written before the version folder appears: a version never exists without its record."""
+    open_store(settings).record_consumption(
+        model,
+        version,
+        new_ids=snapshot.new_ids,
+        replay_ids=snapshot.replay_ids,
+        eval_ids=snapshot.eval_ids,
+        rejected_ids=snapshot.rejected_ids,
+    )
+
+
+@task(name="record-run", cache_policy=NO_CACHE)
+def record_run(settings: Settings, run_id: str, model: str, **fields) -> None:
+    open_store(settings).record_run(run_id, model, **fields)

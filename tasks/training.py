@@ -1,0 +1,56 @@
+"""Training tasks: resolve the base model, then train the candidate from the parent's adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from incremental.config import RunConfig
+from incremental.dataset import DatasetSnapshot
+from incremental.manifest import TrainingRecord
+from incremental.modeling import Hardware, ResolvedBase, check_same_base, resolve_base
+from incremental.settings import Settings
+from incremental.training import train_candidate as train_candidate_stage
+from tasks.registry import Parent
+
+
+@task(name="prepare-base", cache_policy=NO_CACHE)
+def prepare_base(settings: Settings, parent: Parent) -> ResolvedBase:
+    """The base named by the settings (built on first use if embedded); it must be the parent's base."""
+    base = resolve_base(settings)
+    if parent.name is not None and parent.base is not None:
+        check_same_base(parent.base, base.ref, parent.name)
+    return base
+
+
+@task(name="train-candidate", cache_policy=NO_CACHE)
+def train_candidate(
+    settings: Settings,
+    base: ResolvedBase,
+    parent: Parent,
+    snapshot: DatasetSnapshot,
+    config: RunConfig,
+    output_dir: Path,
+) -> TrainingRecord:
+    progress_id = create_progress_artifact(0.0, description="Training progress (optimizer steps)")
+    last_percent = [-1]
+
+    def report(step: int, total: int) -> None:
+        percent = int(100 * step / max(total, 1))
+        if percent != last_percent[0]:  # one API call per percent, not per step
+            last_percent[0] = percent
+            update_progress_artifact(progress_id, float(percent))
+
+    return train_candidate_stage(
+        base,
+        Hardware.from_settings(settings),
+        parent.name,
+        parent.adapter_dir,
+        snapshot,
+        config,
+        output_dir,
+        progress=report,
+    )
