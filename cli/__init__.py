@@ -1,0 +1,1 @@
+"""The `incremental` command line: status, versions, rollback, feedback, dataset preview, run, demo."""

@@ -1,0 +1,83 @@
+"""Shared test setup: an isolated environment, one Prefect test harness per session (it takes
+10-20 s to start), and small real models built in-process (no hub, no network).
+
+Tiers: tests/unit (pure or real files, milliseconds to a second), tests/integration (real tiny
+models that train, the Prefect harness, the CLI), tests/gpu (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports Prefect or the HF stack: nothing may reach a network or a
+# developer's real ~/.prefect database.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="incremental-tests-"))
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HOME": str(_SESSION_HOME / "hf"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "DISABLE_SAFETENSORS_CONVERSION": "1",
+    }
+)
+for key in [k for k in os.environ if k.startswith("INCREMENTAL_")]:
+    del os.environ[key]  # a developer's .env or shell must not leak into tests
+os.environ["INCREMENTAL_EMBEDDED_CACHE_DIR"] = str(_SESSION_HOME / "embedded")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real Prefect API (the test harness server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_base() -> Path:
+    """A small embedded base (tokenizer + pretrained tiny Llama) built once per session, in seconds."""
+    from incremental.embedded import ensure_embedded_base
+
+    return ensure_embedded_base(_SESSION_HOME / "embedded-small", small_spec())
+
+
+def small_spec():
+    """Seconds to build; learns just enough to make training and gating observable."""
+    from incremental.embedded import EmbeddedBaseSpec
+
+    return EmbeddedBaseSpec(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        tokenizer_cases=300,
+        pretrain_examples=600,
+        pretrain_steps=60,
+        warmup_steps=5,
+        batch_size=16,
+        eval_cases=8,
+    )
+
+
+@pytest.fixture
+def env(tmp_path, small_base, monkeypatch):
+    """Settings for one test: its own DuckDB file and version tree, the small base as a local model."""
+    monkeypatch.setenv("INCREMENTAL_DB_PATH", str(tmp_path / "feedback.duckdb"))
+    monkeypatch.setenv("INCREMENTAL_MODELS_ROOT", str(tmp_path / "finetuned_models"))
+    monkeypatch.setenv("INCREMENTAL_BASE_MODEL", str(small_base))
+    monkeypatch.setenv("INCREMENTAL_MODEL", "tiny")
+    monkeypatch.setenv("INCREMENTAL_DEVICE", "cpu")
+    from incremental.settings import Settings
+
+    return Settings()
