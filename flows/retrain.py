@@ -6,12 +6,13 @@ so the Prefect UI renders them as a form and validates them before the run start
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from incremental.config import RunConfig
@@ -118,4 +119,5 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
 
 
 def _metrics(scores: EvalScores) -> dict[str, float | None]:
-    return dict(scores.metrics)
+    """JSON-safe scores for the run record and summary; a NaN or inf is None (the gate's reasons name it)."""
+    return {name: value if value is not None and math.isfinite(value) else None for name, value in scores.metrics.items()}

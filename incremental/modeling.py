@@ -9,6 +9,7 @@ versions or the registry: callers pass adapter folders.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from incremental.manifest import BaseModelRef
 from incremental.settings import EMBEDDED_BASE, Settings
 
 log = logging.getLogger("incremental")
+
+# peft 0.21 still reads transformers' renamed `is_gradient_checkpointing`; the warning is for
+# peft's maintainers, not for someone running a retrain. Drop this when peft is updated.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -365,7 +365,7 @@ def _render_outline_html(spec: _Spec) -> str:
     lines = [f"<h2>{spec.domain.capitalize()}</h2>"]
     for entity in spec.entities:
         lines.append(f'<ul id="{entity.name.lower()}">')
-        lines.extend(f'  <li name="{a}">{a}</li>' for a in entity.attributes)
+        lines.extend(f'  <li name="{a}">' for a in entity.attributes)
         lines.append("</ul>")
     lines.extend(f"<p>{r.source.lower()} {r.verb} {r.target.lower()}</p>" for r in spec.relations)
     return "\n".join(lines)

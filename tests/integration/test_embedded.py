@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import incremental.embedded as embedded
 from incremental.embedded import MARKER, EmbeddedBaseSpec, ensure_embedded_base
 from incremental.prompting import build_prompt
-from incremental.synthetic import generate_cases, related_task_pairs
+from incremental.synthetic import RELATED_TASKS, generate_cases, related_task_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_marker_holds_spec_and_measurements_and_is_written_last(built):
     info = json.loads((built / MARKER).read_text())
     assert info["spec"] == json.loads(json.dumps(TINY.__dict__))
     assert info["fingerprint"] == built.name
-    assert set(info["prompt_gain"]) >= {"real", "summary", "erd", "api", "prototype"}
+    assert set(info["prompt_gain"]) >= {"real", "erd", "api", "prototype", *RELATED_TASKS}
     assert all(isinstance(v, float) for v in info["prompt_gain"].values())
     assert info["pretrain_loss"] > 0 and info["wall_seconds"] > 0 and info["parameters"] > 0
     marker_time = (built / MARKER).stat().st_mtime_ns
@@ -161,7 +161,10 @@ def test_default_tokenizer_keeps_sequences_short():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("hidden_size", 31), ("vocab_size", 100), ("pretrain_steps", 0), ("warmup_steps", 10), ("code_share", 1.0)],
+    [
+        ("hidden_size", 31), ("vocab_size", 100), ("pretrain_steps", 0), ("warmup_steps", 10), ("code_share", 1.0),
+        ("related_tasks", ("erd",)),
+    ],
 )
 def test_invalid_spec_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from incremental.prompting import ARTIFACT_TYPES, build_prompt
-from incremental.synthetic import MeetingCase, generate_cases, related_task_pairs, synthetic_feedback
+from incremental.synthetic import RELATED_TASKS, MeetingCase, generate_cases, related_task_pairs, synthetic_feedback
 
 # A character proxy for the token caps: the embedded base's BPE averages about 4 characters per
 # token on notes and 5 on the indented API YAML; these ratios are conservative. The integration
@@ -94,8 +94,20 @@ def test_relations_in_notes_appear_in_erd():
             assert f" {verb} " in case.notes or f" {base} " in case.notes, (verb, case.notes)
 
 
+def test_related_tasks_take_turns_and_copy_names_from_the_notes():
+    pairs = related_task_pairs(60, 2)
+    headers = Counter(p.split("\n")[0] for p, _ in pairs)
+    assert headers == {build_prompt(t, "x").split("\n")[0]: 20 for t in RELATED_TASKS}
+    for prompt, target in pairs:
+        names = re.findall(r'(?:^ *|/|"|<h2>)([A-Za-z]+)(?::|"|</h2>|$)', target, re.M)
+        names = [n for n in names if n not in ("app", "entities", "path", "fields", "relations", "none", "Entities", "Relations")]
+        assert names and all(n.lower().rstrip("s")[:4] in prompt.lower() for n in names), (names, prompt)
+    with pytest.raises(ValueError, match="tasks"):
+        related_task_pairs(3, 0, tasks=("erd",))
+
+
 def test_summary_task_lists_what_the_notes_say():
-    pairs = related_task_pairs(50, 2)
+    pairs = related_task_pairs(50, 2, tasks=("summary",))
     assert all(p.startswith(build_prompt("summary", "x").split("\n")[0]) for p, _ in pairs)
     for prompt, target in pairs:
         assert target.startswith("Entities:\n") and "\nRelations:\n" in target
