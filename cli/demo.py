@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from incremental.config import DataSettings, RunConfig, TrainSettings
+from incremental.config import RunConfig
 from incremental.feedback import FeedbackStore
 from incremental.registry import Registry
 from incremental.reporting import RunSummary, version_table
@@ -24,12 +24,7 @@ from incremental.synthetic import synthetic_feedback
 
 DEMO_MODEL = "tiny"
 # Feedback per day: (rows, seed, poisoned)
-DAY1, DAY2, DAY3_POISON, DAY4 = (80, 101, False), (80, 202, False), (60, 303, True), (60, 404, False)
-
-
-def demo_config() -> RunConfig:
-    """The run config the demo uses: the defaults, spelled out so the story is reproducible."""
-    return RunConfig(train=TrainSettings(), data=DataSettings())
+DAY1, DAY2, DAY3_POISON, DAY4 = (80, 101, False), (80, 202, False), (80, 303, True), (60, 404, False)
 
 
 def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
@@ -49,12 +44,16 @@ def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
 
     from flows.retrain import retrain  # imported late: Prefect and torch take seconds to import
 
-    config = demo_config()
+    config = RunConfig()  # the defaults, as a nightly deployment would run
     summaries: list[RunSummary] = []
 
     def day(title: str, rows: int, seed: int, poisoned: bool) -> RunSummary:
         console.print(Rule(title))
-        feedback = synthetic_feedback(rows, seed, model=DEMO_MODEL, poisoned=poisoned)
+        # Fixed ids: the train/eval split is a function of the id, so the story replays exactly.
+        feedback = [
+            {**row, "id": f"demo-{seed}-{i:03d}"}
+            for i, row in enumerate(synthetic_feedback(rows, seed, model=DEMO_MODEL, poisoned=poisoned))
+        ]
         store.add_many(feedback)
         kind = "poisoned rows (outputs swapped between meeting notes, all rated good)" if poisoned else "rated artifacts"
         console.print(f"Added {rows} {kind}.")

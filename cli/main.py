@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +33,8 @@ dataset_app = typer.Typer(help="Look at what the next run would train and evalua
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(dataset_app, name="dataset")
 
-console = Console()
+# Wide enough for the version table when the output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (default: INCREMENTAL_MODEL).")]
 
 

@@ -67,7 +67,7 @@ class GatePolicy(BaseModel):
         0.02, ge=0.0, description="Candidate target NLL may exceed the parent's by at most this much."
     )
     max_prompt_gain_drop: float = Field(
-        0.05, ge=0.0, description="Candidate prompt gain (how much it uses the notes) may fall below the parent's by at most this much."
+        0.03, ge=0.0, description="Candidate prompt gain (how much it uses the notes) may fall below the parent's by at most this much."
     )
     min_eval_examples: int = Field(4, ge=1, description="Fewer held-out examples than this and nothing is promoted.")
 
