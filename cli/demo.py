@@ -36,7 +36,7 @@ def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
     os.environ["INCREMENTAL_DB_PATH"] = str(workdir / "feedback.duckdb")
     os.environ["INCREMENTAL_MODELS_ROOT"] = str(workdir / "finetuned_models")
     os.environ["INCREMENTAL_MODEL"] = DEMO_MODEL
-    os.environ.setdefault("INCREMENTAL_BASE_MODEL", "embedded")
+    os.environ["INCREMENTAL_BASE_MODEL"] = "embedded"  # the demo is the embedded default
     settings = Settings()
     store = FeedbackStore(settings.db_path)
     store.init()

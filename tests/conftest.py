@@ -81,3 +81,20 @@ def env(tmp_path, small_base, monkeypatch):
     from incremental.settings import Settings
 
     return Settings()
+
+
+def case_table(n: int, seed: int):
+    """Synthetic cases as the Arrow columns the dataset stage reads (id, artifact_type, prompt, target)."""
+    import pyarrow as pa
+
+    from incremental.synthetic import generate_cases
+
+    cases = generate_cases(n, seed)
+    columns = {
+        "id": [f"{seed}-{i}" for i in range(n)],
+        "artifact_type": [c.artifact_type for c in cases],
+        "prompt": [c.notes for c in cases],
+        "target": [c.artifact for c in cases],
+    }
+    return pa.table(columns, schema=pa.schema([(name, pa.string()) for name in columns]))
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pyarrow as pa
 import pytest
 
 from incremental.config import GatePolicy, RunConfig
@@ -14,21 +13,11 @@ from incremental.evaluation import load_metric
 from incremental.gate import decide
 from incremental.manifest import BaseModelRef
 from incremental.modeling import Hardware, ResolvedBase
-from incremental.synthetic import generate_cases
+
+from conftest import case_table as table
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
-
-
-def table(n, seed):
-    cases = generate_cases(n, seed)
-    columns = {
-        "id": [f"{seed}-{i}" for i in range(n)],
-        "artifact_type": [c.artifact_type for c in cases],
-        "prompt": [c.notes for c in cases],
-        "target": [c.artifact for c in cases],
-    }
-    return pa.table(columns, schema=pa.schema([(name, pa.string()) for name in columns]))
 
 
 def test_metric_modules_load_offline_and_weight_by_tokens():

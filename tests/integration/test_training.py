@@ -19,23 +19,13 @@ from incremental.dataset import encode_examples, plan_dataset, tokenize_train
 from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.manifest import BaseModelRef
-from incremental.synthetic import generate_cases
 from incremental.training import train_adapter, train_candidate
+
+from conftest import case_table as rows
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
 FAST = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, max_length=320)
-
-
-def rows(n: int, seed: int) -> pa.Table:
-    cases = generate_cases(n, seed)
-    columns = {
-        "id": [f"{seed}-{i}" for i in range(n)],
-        "artifact_type": [c.artifact_type for c in cases],
-        "prompt": [c.notes for c in cases],
-        "target": [c.artifact for c in cases],
-    }
-    return pa.table(columns, schema=pa.schema([(name, pa.string()) for name in columns]))
 
 
 def batch_loss(model, tokenizer, table: pa.Table) -> float:
