@@ -145,8 +145,7 @@ def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettin
         model = get_peft_model(base, config)
     else:
         model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable == 0:
+    if count_trainable(model) == 0:
         raise RuntimeError("the adapter has no trainable parameters; it was loaded frozen")
     return model
 
