@@ -27,7 +27,8 @@ DEMO_MODEL = "tiny"
 DAY1, DAY2, DAY3_POISON, DAY4 = (80, 101, False), (80, 202, False), (80, 303, True), (60, 404, False)
 
 
-def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
+def run_demo(workdir: Path, console: Console, seed: int = 0) -> list[RunSummary]:
+    """The story; `seed` shifts every day's feedback (seed 0 is the README's story)."""
     started = time.perf_counter()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -45,10 +46,12 @@ def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
     from flows.retrain import retrain  # imported late: Prefect and torch take seconds to import
 
     config = RunConfig()  # the defaults, as a nightly deployment would run
+    demo_seed = seed
     summaries: list[RunSummary] = []
 
-    def day(title: str, rows: int, seed: int, poisoned: bool) -> RunSummary:
+    def day(title: str, rows: int, day_seed: int, poisoned: bool) -> RunSummary:
         console.print(Rule(title))
+        seed = day_seed + 1000 * demo_seed
         # Fixed ids: the train/eval split is a function of the id, so the story replays exactly.
         feedback = [
             {**row, "id": f"demo-{seed}-{i:03d}"}
@@ -81,11 +84,20 @@ def run_demo(workdir: Path, console: Console) -> list[RunSummary]:
     console.print(render_version_table(version_table(registry), title=f"Versions of {DEMO_MODEL}"))
     console.print(f"History: {len(registry.history())} pointer moves in {registry.root / 'history.jsonl'}")
     console.print(f"Demo finished in {time.perf_counter() - started:.0f} s. Files are in {workdir}/.")
-    _check_story(v1, v2, v3, v4, console)
+    rows, day_seed, _ = DAY3_POISON
+    poisoned_ids = {f"demo-{day_seed + 1000 * seed}-{i:03d}" for i in range(rows)}
+    v4_new = set(registry.get(v4.version).manifest.data.new_ids) if v4.version else set()
+    held_now = set(store.held_by(DEMO_MODEL, v3.version)) if v3.version else set()
+    console.print(
+        f"Held after v3: {len(held_now)} rows of the poisoned batch; v4 trained on {len(v4_new & poisoned_ids)} of them."
+    )
+    _check_story(v1, v2, v3, v4, console, poisoned_in_v4=len(v4_new & poisoned_ids))
     return summaries
 
 
-def _check_story(v1: RunSummary, v2: RunSummary, v3: RunSummary, v4: RunSummary, console: Console) -> None:
+def _check_story(
+    v1: RunSummary, v2: RunSummary, v3: RunSummary, v4: RunSummary, console: Console, poisoned_in_v4: int
+) -> None:
     """Say plainly if the story did not go as told (a demo that lies is worse than none)."""
     problems = []
     if v1.status != "accepted":
@@ -98,7 +110,12 @@ def _check_story(v1: RunSummary, v2: RunSummary, v3: RunSummary, v4: RunSummary,
         problems.append(f"the poisoned v3 was {v3.status}, expected rejected")
     if v4.parent != v1.version:
         problems.append(f"v4 builds on {v4.parent}, expected {v1.version}")
+    if poisoned_in_v4:
+        problems.append(f"v4 trained on {poisoned_in_v4} rows of the rejected poisoned batch, expected none (they are held)")
     if problems:
         console.print("[bold red]The demo did not go as told:[/] " + "; ".join(problems))
         raise SystemExit(1)
-    console.print("[bold green]Story checked:[/] v1 accepted, v2 better than v1 and accepted, poisoned v3 rejected, v4 built on v1.")
+    console.print(
+        "[bold green]Story checked:[/] v1 accepted, v2 better than v1 and accepted, poisoned v3 rejected and its batch held, "
+        "v4 built on v1 from clean rows only."
+    )

@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.markdown import Markdown
 from rich.table import Table
 
 from incremental.errors import IncrementalError
@@ -32,6 +34,8 @@ feedback_app = typer.Typer(help="Add or import feedback rows.", no_args_is_help=
 dataset_app = typer.Typer(help="Look at what the next run would train and evaluate on.", no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(dataset_app, name="dataset")
+gate_app = typer.Typer(help="Inspect and calibrate the quality gate.", no_args_is_help=True)
+app.add_typer(gate_app, name="gate")
 
 # Wide enough for the version table when the output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -69,17 +73,34 @@ def status(model: ModelOption = None) -> None:
     else:
         console.print(f"🔄 [bold]Incremental Mode[/]: current version [bold]{current}[/]; the next training builds on it.")
         console.print(f"Lineage: {' ← '.join(lineage)} ← base")
-    counts = _store(settings).counts(model, lineage)
+    counts = _store(settings).counts(model, lineage, trusted_before=_accepted_at(registry, current))
     console.print(
         f"Feedback for {model}: {counts.total} rows — [bold]{counts.new} new[/] (not learned by this lineage), "
-        f"{counts.learned} learned, {counts.eval} held out for evaluation, {counts.rejected} rejected outputs without correction."
+        f"{counts.learned} learned, {counts.eval} eval rows ({counts.trusted_eval} trusted), "
+        f"{counts.rejected} rejected outputs without correction, "
+        f"[bold]{counts.held} held[/] (neither trained nor trusted until released), {counts.excluded} excluded."
     )
+    if counts.held:
+        console.print("See them with `incremental feedback held`; `incremental feedback release` or `exclude` decides.")
+
+
+def _accepted_at(registry: Registry, version: str | None):
+    """When `version` was accepted: eval rows that arrived by then are trusted for judging its children."""
+    return None if version is None else registry.get(version).manifest.finalized_at
 
 
 @app.command()
-def versions(model: ModelOption = None) -> None:
+def versions(
+    model: ModelOption = None,
+    explain: Annotated[Optional[str], typer.Option(help="Explain one version's gate verdict: data, per-metric intervals, reasons.")] = None,
+) -> None:
     """All versions: parent, status, which is current, score changes against the parent."""
     settings, model = _context(model)
+    if explain is not None:
+        from incremental.reporting import explain_version
+
+        console.print(Markdown(explain_version(Registry(settings.models_root, model), explain)))
+        return
     rows = version_table(Registry(settings.models_root, model))
     if not rows:
         console.print(f"No versions of {model} yet. Run `incremental run` after adding feedback.")
@@ -157,6 +178,80 @@ def feedback_import(
     console.print(f"Imported {len(report.ids)} rows from {file}.")
 
 
+IdsOption = Annotated[Optional[str], typer.Option("--ids", help="Comma-separated feedback ids.")]
+VersionOption = Annotated[Optional[str], typer.Option("--version", help="The rows held with this version's batch or screening.")]
+ByOption = Annotated[str, typer.Option("--by", help="Who decides; kept with the row.")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept with the row.")]
+
+
+def _pick_rows(store: FeedbackStore, model: str, ids: str | None, version: str | None) -> list[str]:
+    if (ids is None) == (version is None):
+        raise typer.BadParameter("give exactly one of --ids a,b,c or --version vN_YYYYMMDD_HHMMSS")
+    if ids is not None:
+        picked = [row_id.strip() for row_id in ids.split(",") if row_id.strip()]
+        if not picked:
+            raise typer.BadParameter("--ids is empty; give comma-separated feedback ids")
+        return picked
+    picked = list(store.held_by(model, version))
+    if not picked:
+        raise typer.BadParameter(f"no rows are held with {version}; `incremental feedback held` lists held rows")
+    return picked
+
+
+def _mark(action: str, past: str, model: str | None, ids: str | None, version: str | None, by: str, reason: str) -> None:
+    settings, model = _context(model)
+    store = _store(settings)
+    picked = _pick_rows(store, model, ids, version)
+    changed = store.mark(model, picked, action, reason=reason, actor=by, version=version)
+    console.print(f"{past.capitalize()} {changed} of {len(picked)} rows of {model} ({len(picked) - changed} already were).")
+
+
+@feedback_app.command("release")
+def feedback_release(
+    ids: IdsOption = None, version: VersionOption = None, model: ModelOption = None,
+    by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "reviewed and released",
+) -> None:
+    """Release held rows: the next runs train on them (train rows) or score them (eval rows) again."""
+    _mark("release", "released", model, ids, version, by, reason)
+
+
+@feedback_app.command("exclude")
+def feedback_exclude(
+    ids: IdsOption = None, version: VersionOption = None, model: ModelOption = None,
+    by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "bad feedback",
+) -> None:
+    """Exclude rows for good (never trained or trusted); reversible with `include`, nothing is deleted."""
+    _mark("exclude", "excluded", model, ids, version, by, reason)
+
+
+@feedback_app.command("include")
+def feedback_include(
+    ids: Annotated[str, typer.Option("--ids", help="Comma-separated feedback ids.")], model: ModelOption = None,
+    by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "exclusion undone",
+) -> None:
+    """Undo an exclusion."""
+    _mark("include", "included", model, ids, None, by, reason)
+
+
+@feedback_app.command("held")
+def feedback_held(model: ModelOption = None, limit: Annotated[int, typer.Option(help="Rows to show.")] = 20) -> None:
+    """Rows held until a person releases or excludes them, with who held them and why."""
+    settings, model = _context(model)
+    registry = Registry(settings.models_root, model)
+    current = registry.current()
+    collected = _store(settings).collect(model, registry.lineage(current) if current else [])
+    held = collected.held
+    console.print(f"{held.num_rows} held rows of {model}, {collected.n_excluded} excluded.")
+    if not held.num_rows:
+        return
+    table = Table(title="Held rows")
+    for column in ("id", "type", "rating", "split", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in held.slice(0, limit).to_pylist():
+        table.add_row(escape(row["id"]), row["artifact_type"], row["rating"], row["split"], escape(_clip(row["hold_reason"] or "", 100)))
+    console.print(table)
+
+
 @dataset_app.command("preview")
 def dataset_preview(
     model: ModelOption = None,
@@ -168,14 +263,18 @@ def dataset_preview(
 
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
-    lineage = registry.lineage() if registry.current() else []
-    collected = _store(settings).collect(model, lineage)
+    current = registry.current()
+    lineage = registry.lineage() if current else []
+    collected = _store(settings).collect(model, lineage, trusted_before=_accepted_at(registry, current))
     config = RunConfig()
     plan = plan_dataset(collected.new, collected.learned, collected.eval, collected.rejected, config.data, config.train.seed)
+    n_trusted = sum(collected.eval.column("trusted").to_pylist())
     console.print(
-        f"Next run for {model} (builds on {registry.current() or 'base model'}): "
-        f"[bold]{len(plan.new_ids)} new[/] + {len(plan.replay_ids)} replayed rows to train on; "
-        f"{len(plan.eval_ids)} held-out rows and {len(plan.rejected_ids)} rejected outputs to evaluate on."
+        f"Next run for {model} (builds on {current or 'base model'}): "
+        f"[bold]{len(plan.new_ids)} new[/] + {len(plan.replay_ids)} replayed rows to train on (screening may hold some); "
+        f"{len(plan.eval_ids)} eval rows ({n_trusted} trusted, judged; {len(plan.eval_ids) - n_trusted} arrived since "
+        f"{current or 'the start'}, reported only) and {len(plan.rejected_ids)} rejected outputs to evaluate on; "
+        f"{collected.held.num_rows} held and {collected.n_excluded} excluded rows left out."
     )
     table = Table(title="New rows")
     for column in ("id", "type", "notes", "target"):
@@ -185,6 +284,64 @@ def dataset_preview(
     console.print(table)
 
 
+@gate_app.command("calibrate")
+def gate_calibrate(
+    model: ModelOption = None,
+    config: Annotated[Optional[Path], typer.Option(help="JSON run config whose gate policy to calibrate (default: the defaults).")] = None,
+) -> None:
+    """Score the current version against itself (two bootstrap seeds, two greedy samples): the gate's noise floor."""
+    from incremental.calibration import calibrate, flip_risks
+    from incremental.dataset import plan_dataset, read_golden
+    from incremental.modeling import Hardware, load_scoring_model, resolve_base
+
+    settings, model = _context(model)
+    run_config = _read_config(config)
+    registry = Registry(settings.models_root, model)
+    current = registry.current()
+    if current is None:
+        raise typer.BadParameter(f"{model} is in base mode: calibrate needs a current version to score against itself")
+    collected = _store(settings).collect(model, registry.lineage(current), trusted_before=_accepted_at(registry, current))
+    golden = read_golden(settings.golden_path) if settings.golden_path else None
+    plan = plan_dataset(collected.new, collected.learned, collected.eval, collected.rejected, run_config.data,
+                        run_config.train.seed, golden=golden)  # fmt: skip
+    hardware = Hardware.from_settings(settings)
+    scorer, tokenizer = load_scoring_model(resolve_base(settings), hardware, {"current": registry.adapter_dir(current)})
+    report = calibrate(scorer, tokenizer, plan.eval, run_config.gate, version=current, max_length=run_config.train.max_length)
+    table = Table(title=f"Noise floor of the gate for the next candidate of {current} ({report.slice} rows)")
+    for column in ("metric", "n", "value", "interval seed A", "interval seed B", "sample B", "noise floor", "margin", "margin vs noise"):
+        table.add_column(column)
+    for noise in report.metrics:
+        table.add_row(
+            noise.metric, str(noise.n), f"{noise.value:.4f}",
+            f"[{noise.interval_a[0]:.4f}, {noise.interval_a[1]:.4f}]", f"[{noise.interval_b[0]:.4f}, {noise.interval_b[1]:.4f}]",
+            "—" if noise.sample_b is None else f"{noise.sample_b:.4f}", f"{noise.floor:.4f}", f"{noise.margin:.4f}",
+            ("ok" if noise.margin_ok else "[red]margin below the noise floor: verdicts may flip[/]") + ("" if noise.gated else " (not gated)"),
+        )  # fmt: skip
+    console.print(table)
+    risks = flip_risks(report, list(registry.get(current).manifest.gate.checks))
+    console.print(f"Verdict of {current} that could flip at this noise: " + ("none" if not risks else ""))
+    for risk in risks:
+        console.print(f"  • {escape(risk)}")
+
+
+def _read_config(path: Path | None):
+    """The run config from a JSON file, or the defaults; a bad file is one clear line, not a traceback."""
+    from pydantic import ValidationError
+
+    from incremental.config import RunConfig
+
+    if path is None:
+        return RunConfig()
+    try:
+        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise typer.BadParameter(f"--config {path}: {error.strerror}") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(file)"
+        raise typer.BadParameter(f"--config {path}: field '{where}': {first['msg']} ({error.error_count()} problem(s))") from None
+
+
 @app.command()
 def run(
     model: ModelOption = None,
@@ -192,10 +349,8 @@ def run(
 ) -> None:
     """Run the retrain flow once, locally (Prefect's embedded API unless PREFECT_API_URL is set)."""
     from flows.retrain import retrain
-    from incremental.config import RunConfig
 
-    run_config = RunConfig.model_validate_json(config.read_text()) if config else RunConfig()
-    summary = retrain(model=model, config=run_config)
+    summary = retrain(model=model, config=_read_config(config))
     console.print(summary.headline())
 
 
@@ -214,11 +369,12 @@ def serve(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's DuckDB file and versions (wiped first).")] = Path("demo-run"),
+    seed: Annotated[int, typer.Option(help="Shifts every day's synthetic feedback; 0 is the README's story.")] = 0,
 ) -> None:
-    """The whole story on the embedded tiny model: v1, v2, a poisoned v3 rejected, rollback, v4."""
+    """The whole story on the embedded tiny model: v1, v2, a poisoned v3 rejected and held, rollback, v4."""
     from cli.demo import run_demo
 
-    run_demo(workdir, console)
+    run_demo(workdir, console, seed=seed)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The retraining loop as a Prefect flow: collect → dataset → train → evaluate → gate → finalize.
+"""The retraining loop as a Prefect flow: collect → screen → dataset → train → evaluate → gate → finalize.
 
 Wiring only: every step is a task over a library stage. The flow's parameters are pydantic models,
 so the Prefect UI renders them as a form and validates them before the run starts.
@@ -10,23 +10,28 @@ import math
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow
 from prefect.runtime import flow_run
 
 from incremental.config import RunConfig
-from incremental.gate import EvalScores
+from incremental.evaluation import EvalResult
+from incremental.feedback import CollectedFeedback
 from incremental.manifest import draft_manifest
 from incremental.reporting import RunSummary
 from incremental.settings import Settings
 from tasks.dataset import build_dataset
 from tasks.evaluation import evaluate_candidate
-from tasks.feedback import collect_feedback, record_consumption, record_run
+from tasks.feedback import collect_feedback, hold_rows, record_consumption, record_run
 from tasks.gate import gate_candidate
 from tasks.logs import library_logs_to_run_logger
 from tasks.registry import finalize_version, release_version, reserve_version, resolve_parent
 from tasks.report import publish_report
+from tasks.screening import screen_new_rows
 from tasks.training import prepare_base, train_candidate
 
 
@@ -40,44 +45,68 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
     with library_logs_to_run_logger() as logger:
         # 1. The version to build on: the current accepted one, read from the folder tree.
         parent = resolve_parent(settings, model)
-        # 2. Feedback this lineage has not learned yet.
-        collected = collect_feedback(settings, model, parent.lineage)
+        # 2. Feedback this lineage has not learned yet; eval rows older than the parent are trusted.
+        collected = collect_feedback(settings, model, parent.lineage, parent.accepted_at)
         if collected.new.num_rows < config.data.min_new_rows:
-            reason = (
-                f"no new feedback for {model}: {collected.new.num_rows} new trainable rows "
-                f"(need {config.data.min_new_rows}) since {parent.name or 'the base model'}"
-            )
-            logger.info("[INCREMENTAL] %s", reason)
-            record_run(settings, run_id, model, status="skipped", reason=reason, parent=parent.name)
-            summary = RunSummary(model=model, status="skipped", parent=parent.name, reasons=(reason,))
-            publish_report(settings, summary)
-            return summary
+            return _skip(settings, run_id, model, parent.name, _nothing_new(model, collected, config, parent.name), logger)
 
         # 3. The base model, and a reserved name for the candidate.
         base = prepare_base(settings, parent)
         reservation = reserve_version(settings, model, parent.name)
-        logger.info("[INCREMENTAL] Training %s (builds on %s)", reservation.name, parent.name or "base model")
         record_run(settings, run_id, model, status="running", version=reservation.name, parent=parent.name)
+        screened: tuple[str, ...] = ()
         with tempfile.TemporaryDirectory(prefix=f"incremental-{model}-") as work_dir:
             try:
-                # 4. New rows + replay for training; the frozen eval split for judging.
-                snapshot = build_dataset(collected, config, Path(work_dir))
-                # 5. Continue the parent's adapter (or start one) on the train split.
+                # 4. Screening: the parent scores the new rows; suspect ones are held, not trained.
+                if config.gate.screening.enabled:
+                    screening = screen_new_rows(settings, base, parent, collected, config)
+                    if screening.suspects:
+                        hold_rows(settings, model, screening.suspects, actor="screening", version=reservation.name)
+                        screened = tuple(screening.suspects)
+                        collected = replace(
+                            collected, new=_without(collected.new, screened), eval=_without(collected.eval, screened)
+                        )
+                    if collected.new.num_rows < config.data.min_new_rows:
+                        release_version(settings, model, reservation)
+                        reason = (
+                            f"screening held {len(screened)} rows of the batch for {model} and "
+                            f"{collected.new.num_rows} new train rows remain (need {config.data.min_new_rows}); "
+                            "see `incremental feedback held`, release or exclude them"
+                        )
+                        return _skip(settings, run_id, model, parent.name, reason, logger, n_screened=len(screened))
+                logger.info("[INCREMENTAL] Training %s (builds on %s)", reservation.name, parent.name or "base model")
+                # 5. New rows + replay for training; eval rows (trusted / arrived with the batch) for judging.
+                snapshot = build_dataset(settings, collected, config, Path(work_dir))
+                # 6. Continue the parent's adapter (or start one) on the train split.
                 training = train_candidate(settings, base, parent, snapshot, config, reservation.staging_dir)
             except BaseException as error:
                 release_version(settings, model, reservation)
                 record_run(settings, run_id, model, status="failed", reason=f"training failed: {error!r}",
                            version=reservation.name, parent=parent.name)  # fmt: skip
                 raise
-            # 6. Candidate and parent on the same eval snapshot.
-            candidate_scores, parent_scores = evaluate_candidate(
-                settings, base, reservation.staging_dir, parent, snapshot, config
+            # 7. Candidate and parent on the same eval snapshot, per example.
+            evaluated = evaluate_candidate(
+                settings, model, base, reservation.staging_dir, reservation.name, parent, snapshot, config
             )
-            # 7. The gate decides; it fails closed.
-            decision = gate_candidate(candidate_scores, parent_scores, config.gate)
-            # 8. Record what the candidate consumed, then make the version appear; promote by
-            #    compare-and-swap only if the parent is still current.
+            evidence = evaluated.evidence if isinstance(evaluated, EvalResult) else evaluated
+            # 8. The gate decides on trusted rows, with paired intervals; it fails closed.
+            decision = gate_candidate(evidence, config.gate, reservation.name)
+            # 9. Record what the candidate consumed; a batch the gate blames is held (before the
+            #    version appears, so a crash in between cannot let it come back as new); then make
+            #    the version appear and promote it by compare-and-swap only if the parent is still current.
             record_consumption(settings, model, reservation.name, snapshot)
+            held: tuple[str, ...] = ()
+            if decision.blames_batch:
+                held = snapshot.new_ids + snapshot.arrived_with_batch_ids
+                reason = f"batch of rejected {reservation.name}: {decision.reasons[0]}"
+                hold_rows(settings, model, dict.fromkeys(held, reason), actor="gate", version=reservation.name)
+                logger.warning("[INCREMENTAL] Held %d rows of the rejected batch until a person releases them", len(held))
+            scores = evaluated.aggregates() if isinstance(evaluated, EvalResult) else {"candidate": {}, "parent": {}}
+            cost = (
+                {"parent_scored": evaluated.parent_scored, "parent_cached": evaluated.parent_cached,
+                 "wall_seconds": evaluated.wall_seconds}
+                if isinstance(evaluated, EvalResult) else {}
+            )  # fmt: skip
             manifest = draft_manifest(
                 name=reservation.name,
                 model=model,
@@ -87,9 +116,11 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
                 config=config,
                 snapshot=snapshot,
                 training=training,
-                candidate_scores=candidate_scores,
-                parent_scores=parent_scores,
+                scores=scores,
                 decision=decision,
+                screened_ids=screened,
+                held_ids=held,
+                evaluation=cost,
             )
             result = finalize_version(settings, model, reservation, manifest)
 
@@ -100,11 +131,16 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
             version=result.name,
             parent=parent.name,
             reasons=reasons,
-            candidate_scores=_metrics(candidate_scores),
-            parent_scores=_metrics(parent_scores),
+            candidate_scores=_finite(scores["candidate"]),
+            parent_scores=_finite(scores["parent"]),
             n_new=len(snapshot.new_ids),
             n_replay=len(snapshot.replay_ids),
             n_eval=len(snapshot.eval_ids),
+            verdict=decision.verdict.value,
+            checks=tuple(check.as_record() for check in decision.checks),
+            n_screened=len(screened),
+            n_held=len(held),
+            evaluation=cost,
             wall_seconds=round(time.perf_counter() - started, 1),
         )
         if result.promoted:
@@ -112,12 +148,32 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
         else:
             logger.warning("[INCREMENTAL] ❌ %s rejected: %s. Current stays %s", result.name, reasons[0], parent.name or "base model")
         record_run(settings, run_id, model, status=summary.status, reason=reasons[0], version=result.name,
-                   parent=parent.name, details={"scores": {"candidate": summary.candidate_scores,
-                                                           "parent": summary.parent_scores}})  # fmt: skip
+                   parent=parent.name, details={"verdict": summary.verdict, "scores": {"candidate": summary.candidate_scores,
+                                                                          "parent": summary.parent_scores}})  # fmt: skip
         publish_report(settings, summary)
         return summary
 
 
-def _metrics(scores: EvalScores) -> dict[str, float | None]:
+def _nothing_new(model: str, collected: CollectedFeedback, config: RunConfig, parent: str | None) -> str:
+    held = f"; {collected.held.num_rows} rows are held (see `incremental feedback held`)" if collected.held.num_rows else ""
+    return (
+        f"no new feedback for {model}: {collected.new.num_rows} new trainable rows "
+        f"(need {config.data.min_new_rows}) since {parent or 'the base model'}{held}"
+    )
+
+
+def _skip(settings: Settings, run_id: str, model: str, parent: str | None, reason: str, logger, n_screened: int = 0) -> RunSummary:
+    logger.info("[INCREMENTAL] %s", reason)
+    record_run(settings, run_id, model, status="skipped", reason=reason, parent=parent)
+    summary = RunSummary(model=model, status="skipped", parent=parent, reasons=(reason,), n_screened=n_screened)
+    publish_report(settings, summary)
+    return summary
+
+
+def _without(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(ids, pa.string()))))
+
+
+def _finite(scores: dict[str, float | None]) -> dict[str, float | None]:
     """JSON-safe scores for the run record and summary; a NaN or inf is None (the gate's reasons name it)."""
-    return {name: value if value is not None and math.isfinite(value) else None for name, value in scores.metrics.items()}
+    return {name: value if value is not None and math.isfinite(value) else None for name, value in scores.items()}

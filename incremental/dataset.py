@@ -8,6 +8,8 @@ about models beyond a tokenizer. The prompt tokens are masked from the loss with
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +19,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from incremental.config import DataSettings
-from incremental.prompting import build_prompt
+from incremental.errors import InvalidFeedbackError
+from incremental.prompting import ARTIFACT_TYPES, build_prompt
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt and padding tokens)
 TRAIN_FILE = "train.parquet"
 EVAL_FILE = "eval.parquet"
-_COLUMNS = ["id", "artifact_type", "prompt", "target"]
+_COLUMNS = ("id", "artifact_type", "prompt", "target")
+EVAL_COLUMNS = ("id", "artifact_type", "prompt", "target", "rejected_output", "kind", "trusted", "slice")
+_EVAL_SCHEMA = pa.schema([(name, pa.bool_() if name == "trusted" else pa.string()) for name in EVAL_COLUMNS])
+GOLDEN_SLICE = "golden"
 
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """The rows of one run, in memory. `train` has a `role` column (new|replay); `eval` a `slice`
-    column: 'eval' (held-out trainable rows) or 'rejected' (needs-improvement outputs without a
-    correction, scored but never trained on)."""
+    """The rows of one run, in memory. `train` has a `role` column (new|replay). `eval` has, per row:
+    `kind` 'target' (a trainable eval row; `rejected_output` holds the rejected output when the row
+    came with a correction) or 'rejected' (a needs-improvement output without a correction, scored but
+    never trained: its `target` is that output); `trusted` (arrived before the parent was accepted);
+    and `slice` 'golden' for a user's golden rows, '' otherwise (evaluation assigns the rest)."""
 
     train: pa.Table
     eval: pa.Table
@@ -44,11 +52,20 @@ class DatasetPlan:
 
     @property
     def eval_ids(self) -> tuple[str, ...]:
-        return _ids(self.eval, "slice", "eval")
+        return _ids(self._feedback_eval(), "kind", "target")
 
     @property
     def rejected_ids(self) -> tuple[str, ...]:
-        return _ids(self.eval, "slice", "rejected")
+        return _ids(self._feedback_eval(), "kind", "rejected")
+
+    @property
+    def arrived_with_batch_ids(self) -> tuple[str, ...]:
+        """Eval and rejected-output rows that arrived with the batch (not trusted): held with it if it fails."""
+        rows = self._feedback_eval()
+        return tuple(rows.filter(pc.invert(rows.column("trusted"))).column("id").to_pylist())
+
+    def _feedback_eval(self) -> pa.Table:
+        return self.eval.filter(pc.not_equal(self.eval.column("slice"), GOLDEN_SLICE))
 
     def write(self, work_dir: Path) -> "DatasetSnapshot":
         """Freeze the plan as Parquet files that the train and evaluate steps read."""
@@ -61,8 +78,9 @@ class DatasetPlan:
             replay_ids=self.replay_ids,
             eval_ids=self.eval_ids,
             rejected_ids=self.rejected_ids,
+            arrived_with_batch_ids=self.arrived_with_batch_ids,
             dataset_hash=content_hash(self.train),
-            eval_snapshot_hash=content_hash(self.eval),
+            eval_snapshot_hash=content_hash(self.eval, EVAL_COLUMNS),
         )
 
 
@@ -77,6 +95,7 @@ class DatasetSnapshot:
     rejected_ids: tuple[str, ...]
     dataset_hash: str
     eval_snapshot_hash: str
+    arrived_with_batch_ids: tuple[str, ...] = ()
 
     @property
     def train_path(self) -> Path:
@@ -94,39 +113,100 @@ class DatasetSnapshot:
 
 
 def plan_dataset(
-    new: pa.Table, learned: pa.Table, held_out: pa.Table, rejected: pa.Table, data: DataSettings, seed: int
+    new: pa.Table,
+    learned: pa.Table,
+    held_out: pa.Table,
+    rejected: pa.Table,
+    data: DataSettings,
+    seed: int,
+    golden: pa.Table | None = None,
 ) -> DatasetPlan:
     """Choose the train rows (all new rows + a replay sample of learned ones) and the eval rows.
 
     The replay sample is a deterministic function of the seed and the new rows, so a run can be
     reproduced from its manifest. Eval and rejected rows never enter `train`: the store's split
-    and the trainable-rating rule keep them apart; the assertion guards that contract.
+    and the trainable-rating rule keep them apart; the assertion guards that contract. `held_out`
+    and `rejected` carry the store's `trusted` column; `golden` (id, artifact_type, prompt, target)
+    is a user's file of reference rows, always trusted.
     """
     n_replay = min(round(data.replay_ratio * new.num_rows), data.max_replay_rows, learned.num_rows)
     rng = np.random.default_rng(_seed_from(seed, new))
     replay_rows = np.sort(rng.choice(learned.num_rows, size=n_replay, replace=False)) if n_replay else []
-    replay = learned.select(_COLUMNS).take(pa.array(replay_rows, type=pa.int64()))
+    replay = learned.select(list(_COLUMNS)).take(pa.array(replay_rows, type=pa.int64()))
     train = pa.concat_tables(
         [
-            _with_label(new.select(_COLUMNS), "role", "new"),
+            _with_label(new.select(list(_COLUMNS)), "role", "new"),
             _with_label(replay, "role", "replay"),
         ]
     )
-    evaluation = pa.concat_tables(
-        [
-            _with_label(held_out.select(_COLUMNS), "slice", "eval"),
-            _with_label(rejected.select(_COLUMNS), "slice", "rejected"),
-        ]
-    )
+    corrected_output = pc.if_else(pc.is_null(held_out.column("correction")), pa.scalar(None, pa.string()), held_out.column("output"))
+    parts = [
+        _eval_rows(held_out, "target", held_out.column("trusted"), corrected_output),
+        _eval_rows(rejected, "rejected", rejected.column("trusted"), pa.nulls(rejected.num_rows, pa.string())),
+    ]
+    if golden is not None and golden.num_rows:
+        n = golden.num_rows
+        parts.append(_eval_rows(golden, "target", pa.array([True] * n), pa.nulls(n, pa.string()), slice_=GOLDEN_SLICE))
+    evaluation = pa.concat_tables(parts)
     leaked = set(train.column("id").to_pylist()) & set(evaluation.column("id").to_pylist())
     assert not leaked, f"eval rows in the train split: {sorted(leaked)[:5]}"
     return DatasetPlan(train=train, eval=evaluation)
 
 
-def content_hash(table: pa.Table) -> str:
+def _eval_rows(table: pa.Table, kind: str, trusted, rejected_output, *, slice_: str = "") -> pa.Table:
+    n = table.num_rows
+    return pa.table(
+        {
+            "id": table.column("id"),
+            "artifact_type": table.column("artifact_type"),
+            "prompt": table.column("prompt"),
+            "target": table.column("target"),
+            "rejected_output": rejected_output,
+            "kind": pa.array([kind] * n, type=pa.string()),
+            "trusted": trusted,
+            "slice": pa.array([slice_] * n, type=pa.string()),
+        },
+        schema=_EVAL_SCHEMA,
+    )
+
+
+def read_golden(path: Path) -> pa.Table:
+    """A golden file: JSONL rows with artifact_type, prompt (the notes), target (the right artifact), optional id.
+
+    Errors name the line and the field. Ids default to `golden-<line>`.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (FileNotFoundError, IsADirectoryError):
+        raise InvalidFeedbackError(f"golden file {path}: no such file; check INCREMENTAL_GOLDEN_PATH") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidFeedbackError(f"{path}:{number}: not valid JSON ({error.msg}); write one JSON object per line") from None
+        if not isinstance(value, dict):
+            raise InvalidFeedbackError(f"{path}:{number}: expected an object with artifact_type, prompt and target")
+        for name in ("artifact_type", "prompt", "target"):
+            if not isinstance(value.get(name), str) or not value[name].strip():
+                raise InvalidFeedbackError(f"{path}:{number}: field '{name}' is missing or empty; give the {name} as text")
+        if value["artifact_type"] not in ARTIFACT_TYPES:
+            raise InvalidFeedbackError(
+                f"{path}:{number}: field 'artifact_type': {value['artifact_type']!r}; use one of: {', '.join(ARTIFACT_TYPES)}"
+            )
+        rows.append({"id": str(value.get("id") or f"golden-{number}"), **{k: value[k] for k in _COLUMNS[1:]}})
+    if not rows:
+        raise InvalidFeedbackError(f"golden file {path} has no rows; add JSONL rows or unset INCREMENTAL_GOLDEN_PATH")
+    return pa.Table.from_pylist(rows, schema=pa.schema([(name, pa.string()) for name in _COLUMNS]))
+
+
+def content_hash(table: pa.Table, columns: Sequence[str] = _COLUMNS) -> str:
     """sha256 over the rows' ids and text, in order: names exactly what was trained or scored."""
     digest = hashlib.sha256()
-    for column in _COLUMNS:
+    for column in columns:
         for value in table.column(column).to_pylist():
             digest.update(str(value).encode("utf-8"))
             digest.update(b"\x1f")

@@ -315,21 +315,13 @@ def _task_and_notes_of(prompt: str) -> tuple[str, str]:
     return header.removeprefix("### Task: "), rest.rsplit("\n### Output:\n", 1)[0]
 
 
-@torch.no_grad()
 def _target_nlls(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, triples: Sequence[tuple[str, str, str]]) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each (task, notes, target) triple's target, eos included."""
-    encoded = [_encode(tokenizer, build_prompt(task, notes), target) for task, notes, target in triples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths, little padding
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for start in range(0, len(order), 16):
-        chunk = order[start : start + 16]
-        input_ids, labels = _batch([encoded[i] for i in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        for row, i in enumerate(chunk):
-            results[i] = (nll[row].sum().item(), int((targets[row] != -100).sum()))
-    return results
+    from incremental.scoring import score_nll  # the project's one scoring implementation
+
+    tasks, notes, targets = zip(*triples)
+    scores = score_nll(model, tokenizer, list(tasks), list(notes), list(targets), max_length=model.config.max_position_embeddings)
+    return [(float(nll), int(n)) for nll, n in zip(scores.nll_sum, scores.n_tokens)]
 
 
 def _prompt_gain(

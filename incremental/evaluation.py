@@ -1,115 +1,150 @@
-"""Score a candidate adapter and its parent on the same eval snapshot, per example.
+"""Score a candidate adapter and its parent on the same eval snapshot, per example, for the gate.
 
-Per-example target NLL (token-weighted) and prompt gain are aggregated through the `evaluate`
-metric modules shipped in `incremental/metrics/` and loaded by path, so a nightly job never
-depends on a hub. Knows nothing about the gate's thresholds: it produces `EvalScores`.
+Each eval row belongs to one slice: `regression` (trusted: arrived before the parent was accepted),
+`new` (arrived with the batch), `golden` (a user's file), or `all` for a first version, which has no
+trusted rows. Per example it computes target NLL, prompt gain (own notes against a fixed partner's
+notes), the preference margin of corrections over rejected outputs, the NLL of rejected outputs and,
+on a bounded greedy sample, artifact validity and content F1. The parent's scores come from a cache
+where possible. Knows nothing about thresholds (the gate) or the database (the caller passes the cache).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cache
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluate
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from peft import PeftModel
 
-from incremental.dataset import IGNORE_INDEX, DatasetSnapshot, encode_examples
-from incremental.gate import EvalScores
-from incremental.modeling import Hardware, ResolvedBase, load_base, load_tokenizer
+from incremental.artifacts import check_artifact, content_f1
+from incremental.config import GatePolicy
+from incremental.dataset import DatasetSnapshot
+from incremental.gate import ALL, GOLDEN, NEW, REGRESSION, GateEvidence, PairedScores, judged_slices
+from incremental.modeling import Hardware, ResolvedBase
+from incremental.scoring import Triple, generate_greedy, score_triples, scorer_id, triple_hash
+from incremental.statistics import weighted_mean
 
-METRICS_DIR = Path(__file__).parent / "metrics"
+__all__ = ["EvalPlan", "EvalResult", "ModelScores", "evaluate_pair", "evidence_from_table", "plan_evaluation"]
 
-
-@cache
-def load_metric(name: str):
-    """A metric module shipped with the project (`incremental/metrics/<name>/<name>.py`)."""
-    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+SCORE_COLUMNS = ("id", "slice", "metric", "candidate", "parent", "weight")
 
 
 @dataclass(frozen=True)
-class NllScores:
-    """Per example: summed target NLL and scored target tokens."""
+class EvalPlan:
+    """What to score: the eval rows with their slices and prompt-gain partners, and the generation sample."""
 
-    nll_sum: np.ndarray
-    n_tokens: np.ndarray
+    rows: pa.Table  # id, artifact_type, prompt, target, rejected_output, kind, slice, partner_notes
+    generation_ids: tuple[str, ...]
+    first_version: bool
+    snapshot_hash: str
 
+    def triples(self) -> list[Triple]:
+        """Every (task, notes, target) a model must be scored on."""
+        out: list[Triple] = []
+        for row in self.rows.to_pylist():
+            task, notes = row["artifact_type"], row["prompt"]
+            out.append((task, notes, row["target"]))
+            if row["kind"] == "target":
+                out.extend((task, partner, row["target"]) for partner in row["partner_notes"])
+                if row["rejected_output"] is not None:
+                    out.append((task, notes, row["rejected_output"]))
+        return out
 
-def score_nll(model, tokenizer, tasks, notes, targets, *, max_length: int, batch_size: int = 16) -> NllScores:
-    """Summed NLL of each target given its prompt, one forward pass per length-sorted batch."""
-    examples = encode_examples(tokenizer, tasks, notes, targets, max_length)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    nll_sum = np.zeros(len(examples))
-    n_tokens = np.zeros(len(examples), dtype=np.int64)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[start : start + batch_size]]
-            width = max(len(e.input_ids) for e in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, example in enumerate(batch):
-                length = len(example.input_ids)
-                input_ids[row, :length] = torch.tensor(example.input_ids)
-                labels[row, :length] = torch.tensor(example.labels)
-                attention[row, :length] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            shifted_labels = labels[:, 1:].to(device)
-            token_nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            mask = shifted_labels != IGNORE_INDEX
-            for row, index in enumerate(order[start : start + batch_size]):
-                nll_sum[index] = float(token_nll[row][mask[row]].sum())
-                n_tokens[index] = int(mask[row].sum())
-    return NllScores(nll_sum=nll_sum, n_tokens=n_tokens)
+    def generation_prompts(self) -> dict[str, tuple[str, str]]:
+        """{prompt hash: (task, notes)} of the generation sample."""
+        wanted = set(self.generation_ids)
+        return {
+            triple_hash(row["artifact_type"], row["prompt"], ""): (row["artifact_type"], row["prompt"])
+            for row in self.rows.to_pylist()
+            if row["id"] in wanted
+        }
 
 
-def score_snapshot(model, tokenizer, eval_table: pa.Table, snapshot_hash: str, *, max_length: int) -> EvalScores:
-    """target_nll and prompt_gain on the held-out slice, rejected_nll (informational) on the rejected one."""
-    held_out = eval_table.filter(pc.equal(eval_table.column("slice"), "eval"))
-    rejected = eval_table.filter(pc.equal(eval_table.column("slice"), "rejected"))
-    metrics: dict[str, float | None] = {"target_nll": None, "prompt_gain": None, "rejected_nll": None}
-    if held_out.num_rows:
-        tasks = held_out.column("artifact_type").to_pylist()
-        notes = held_out.column("prompt").to_pylist()
-        targets = held_out.column("target").to_pylist()
-        own = score_nll(model, tokenizer, tasks, notes, targets, max_length=max_length)
-        metrics["target_nll"] = _as_float(
-            load_metric("target_nll").compute(nll_sum=own.nll_sum.tolist(), n_tokens=own.n_tokens.tolist())["target_nll"]
-        )
-        if held_out.num_rows >= 2:
-            # Each target under the next example's notes (same task header): what the notes are worth.
-            other_notes = notes[1:] + notes[:1]
-            other = score_nll(model, tokenizer, tasks, other_notes, targets, max_length=max_length)
-            metrics["prompt_gain"] = _as_float(
-                load_metric("prompt_gain").compute(
-                    own_nll_sum=own.nll_sum.tolist(),
-                    own_tokens=own.n_tokens.tolist(),
-                    other_nll_sum=other.nll_sum.tolist(),
-                    other_tokens=other.n_tokens.tolist(),
-                )["prompt_gain"]
-            )
-    if rejected.num_rows:
-        scores = score_nll(
-            model,
-            tokenizer,
-            rejected.column("artifact_type").to_pylist(),
-            rejected.column("prompt").to_pylist(),
-            rejected.column("target").to_pylist(),
-            max_length=max_length,
-        )
-        metrics["rejected_nll"] = _as_float(
-            load_metric("target_nll").compute(nll_sum=scores.nll_sum.tolist(), n_tokens=scores.n_tokens.tolist())["target_nll"]
-        )
-    return EvalScores(snapshot_hash=snapshot_hash, n_examples=held_out.num_rows, metrics=metrics)
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's raw scores: {triple hash: (nll_sum, n_tokens)} and {prompt hash: greedy text}."""
+
+    nll: dict[str, tuple[float, int]]
+    generations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    evidence: GateEvidence
+    table: pa.Table  # per example and metric: id, slice, metric, candidate, parent, weight
+    candidate: ModelScores
+    parent: ModelScores
+    parent_scored: int  # parent triples and generations computed in this run (the rest came from the cache)
+    parent_cached: int
+    wall_seconds: float
+
+    def aggregates(self) -> dict[str, dict[str, float | None]]:
+        """Weighted means per model on the judged slice, for the version table."""
+        return aggregate_scores(self.table, judged_slices(self.evidence.first_version)[0])
+
+
+def plan_evaluation(
+    snapshot_eval: pa.Table, *, first_version: bool, snapshot_hash: str, generation_rows: int, partners_per_row: int = 4
+) -> EvalPlan:
+    """Assign slices, pick each target row's partner notes, and choose the generation sample.
+
+    The partners of a row are the next `partners_per_row` rows, in the order of the rows' content
+    hashes, with other notes: a fixed function of the eval set, so adding rows changes few partners
+    and the cache keeps most scores. Averaging over several partners keeps the luck of one
+    partner's notes (same domain or not) out of the per-example prompt gain. The generation sample
+    is the first `generation_rows` judged target rows in the same order: stable from run to run too.
+    """
+    rows = snapshot_eval.to_pylist()
+    for row in rows:
+        if row["slice"] != GOLDEN:
+            row["slice"] = ALL if first_version else (REGRESSION if row["trusted"] else NEW)
+        row["hash"] = triple_hash(row["artifact_type"], row["prompt"], row["target"])
+    targets = sorted((r for r in rows if r["kind"] == "target"), key=lambda r: r["hash"])
+    for position, row in enumerate(targets):
+        partners: list[str] = []
+        for k in range(1, len(targets)):
+            notes = targets[(position + k) % len(targets)]["prompt"]
+            if notes != row["prompt"] and notes not in partners:
+                partners.append(notes)
+                if len(partners) == partners_per_row:
+                    break
+        row["partner_notes"] = partners
+    judged = judged_slices(first_version)
+    sample = [r["id"] for r in targets if r["slice"] in judged][:generation_rows]
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "artifact_type": [r["artifact_type"] for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "target": [r["target"] for r in rows],
+            "rejected_output": [r.get("rejected_output") for r in rows],
+            "kind": [r["kind"] for r in rows],
+            "slice": [r["slice"] for r in rows],
+            # A row without partners (a single distinct note) gets no prompt gain.
+            "partner_notes": [r.get("partner_notes") or [] for r in rows],
+        },
+        schema=pa.schema(
+            [(name, pa.string()) for name in ("id", "artifact_type", "prompt", "target", "rejected_output", "kind", "slice")]
+            + [("partner_notes", pa.list_(pa.string()))]
+        ),
+    )
+    return EvalPlan(rows=table, generation_ids=tuple(sample), first_version=first_version, snapshot_hash=snapshot_hash)
+
+
+def score_model(model, tokenizer, plan: EvalPlan, *, max_length: int, max_new_tokens: int, cached: ModelScores | None = None) -> tuple[ModelScores, int]:
+    """A model's scores on the plan; returns them and how many it computed (the rest were cached)."""
+    cached = cached or ModelScores({}, {})
+    triples = plan.triples()
+    nll = score_triples(model, tokenizer, triples, max_length=max_length, cached=cached.nll)
+    prompts = plan.generation_prompts()
+    missing = [h for h in prompts if h not in cached.generations]
+    texts = generate_greedy(model, tokenizer, [prompts[h] for h in missing], max_new_tokens=max_new_tokens)
+    generations = {h: cached.generations[h] for h in prompts if h in cached.generations} | dict(zip(missing, texts))
+    computed = sum(1 for h in {triple_hash(*t) for t in triples} if h not in cached.nll) + len(missing)
+    return ModelScores(nll=nll, generations=generations), computed
 
 
 def evaluate_pair(
@@ -119,30 +154,128 @@ def evaluate_pair(
     parent_adapter: Path | None,
     snapshot: DatasetSnapshot,
     *,
+    policy: GatePolicy,
     max_length: int,
-) -> tuple[EvalScores, EvalScores]:
+    parent_cache: ModelScores | None = None,
+) -> EvalResult:
     """Candidate and parent scored on one loaded base, on the identical snapshot.
 
     The parent is another named adapter on the same base, or the bare base (adapter disabled)
     when the candidate is the first version.
     """
-    tokenizer = load_tokenizer(base.source, base.load_revision)
-    model = PeftModel.from_pretrained(
-        load_base(base.source, base.load_revision, hardware), str(candidate_adapter), adapter_name="candidate"
-    )
-    eval_table = snapshot.read_eval()
+    from incremental.modeling import load_scoring_model
+
+    started = time.perf_counter()
+    first_version = parent_adapter is None
+    plan = plan_evaluation(
+        snapshot.read_eval(), first_version=first_version, snapshot_hash=snapshot.eval_snapshot_hash,
+        generation_rows=policy.generation_rows, partners_per_row=policy.prompt_gain_partners,
+    )  # fmt: skip
+    adapters = {"candidate": candidate_adapter} | ({} if parent_adapter is None else {"parent": parent_adapter})
+    model, tokenizer = load_scoring_model(base, hardware, adapters)
     model.set_adapter("candidate")
-    candidate = score_snapshot(model, tokenizer, eval_table, snapshot.eval_snapshot_hash, max_length=max_length)
+    candidate, _ = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
     if parent_adapter is None:
         with model.disable_adapter():
-            parent = score_snapshot(model, tokenizer, eval_table, snapshot.eval_snapshot_hash, max_length=max_length)
+            parent, computed = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
     else:
-        model.load_adapter(str(parent_adapter), adapter_name="parent")
         model.set_adapter("parent")
-        parent = score_snapshot(model, tokenizer, eval_table, snapshot.eval_snapshot_hash, max_length=max_length)
-    return candidate, parent
+        parent, computed = score_model(
+            model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens, cached=parent_cache
+        )
+    table = per_example_table(plan, candidate, parent)
+    total = len(parent.nll) + len(parent.generations)
+    return EvalResult(
+        evidence=evidence_from_table(table, snapshot.eval_snapshot_hash, first_version),
+        table=table,
+        candidate=candidate,
+        parent=parent,
+        parent_scored=computed,
+        parent_cached=total - computed,
+        wall_seconds=round(time.perf_counter() - started, 2),
+    )
 
 
-def _as_float(value) -> float | None:
-    """NaN and inf are kept (the gate names them); None (nothing scored) stays None."""
-    return None if value is None else float(value)
+def per_example_table(plan: EvalPlan, candidate: ModelScores, parent: ModelScores) -> pa.Table:
+    """One row per (example, metric): the values the gate's bootstrap resamples, for both models."""
+    columns: dict[str, list] = {name: [] for name in SCORE_COLUMNS}
+
+    def add(row_id: str, slice_: str, metric: str, cand: float, par: float, weight: float) -> None:
+        for name, value in zip(SCORE_COLUMNS, (row_id, slice_, metric, cand, par, weight)):
+            columns[name].append(value)
+
+    def per_token(scores: ModelScores, task: str, notes: str, target: str) -> tuple[float, int]:
+        nll, n = scores.nll[triple_hash(task, notes, target)]
+        return (nll / n if n else float("nan")), n
+
+    sample = set(plan.generation_ids)
+    for row in plan.rows.to_pylist():
+        task, notes, target, slice_ = row["artifact_type"], row["prompt"], row["target"], row["slice"]
+        if row["kind"] == "rejected":
+            (c_out, n_out), (p_out, _) = per_token(candidate, task, notes, target), per_token(parent, task, notes, target)
+            add(row["id"], slice_, "rejected_nll", c_out, p_out, n_out)
+            continue
+        (c_own, n_own), (p_own, _) = per_token(candidate, task, notes, target), per_token(parent, task, notes, target)
+        add(row["id"], slice_, "target_nll", c_own, p_own, n_own)
+        if row["partner_notes"]:
+            c_other = np.mean([per_token(candidate, task, partner, target)[0] for partner in row["partner_notes"]])
+            p_other = np.mean([per_token(parent, task, partner, target)[0] for partner in row["partner_notes"]])
+            add(row["id"], slice_, "prompt_gain", float(c_other - c_own), float(p_other - p_own), n_own)
+        if row["rejected_output"] is not None:
+            c_rej, _ = per_token(candidate, task, notes, row["rejected_output"])
+            p_rej, _ = per_token(parent, task, notes, row["rejected_output"])
+            add(row["id"], slice_, "preference_margin", c_rej - c_own, p_rej - p_own, n_own)
+        if row["id"] in sample:
+            key = triple_hash(task, notes, "")
+            reference = check_artifact(task, target).names
+            checks = [check_artifact(task, scores.generations[key]) for scores in (candidate, parent)]
+            add(row["id"], slice_, "artifact_validity", float(checks[0].valid), float(checks[1].valid), 1.0)
+            add(row["id"], slice_, "content_f1", content_f1(checks[0].names, reference), content_f1(checks[1].names, reference), 1.0)
+    schema = pa.schema(
+        [("id", pa.string()), ("slice", pa.string()), ("metric", pa.string()),
+         ("candidate", pa.float64()), ("parent", pa.float64()), ("weight", pa.float64())]
+    )  # fmt: skip
+    return pa.table(columns, schema=schema)
+
+
+def evidence_from_table(table: pa.Table, snapshot_hash: str, first_version: bool) -> GateEvidence:
+    """The gate's input from a per-example table (as stored in a version folder): a verdict can be recomputed."""
+    scores: dict[tuple[str, str], PairedScores] = {}
+    for (metric, slice_), group in _groups(table).items():
+        scores[(metric, slice_)] = PairedScores(
+            ids=tuple(group.column("id").to_pylist()),
+            candidate=group.column("candidate").to_numpy(zero_copy_only=False),
+            parent=group.column("parent").to_numpy(zero_copy_only=False),
+            weights=group.column("weight").to_numpy(zero_copy_only=False),
+        )
+    return GateEvidence(snapshot_hash=snapshot_hash, first_version=first_version, scores=scores)
+
+
+def aggregate_scores(table: pa.Table, slice_: str) -> dict[str, dict[str, float | None]]:
+    """{'candidate': {metric: weighted mean}, 'parent': {...}} on one slice."""
+    result: dict[str, dict[str, float | None]] = {"candidate": {}, "parent": {}}
+    for (metric, found_slice), group in _groups(table).items():
+        if found_slice != slice_:
+            continue
+        weights = group.column("weight").to_numpy(zero_copy_only=False)
+        for role in ("candidate", "parent"):
+            value = weighted_mean(group.column(role).to_numpy(zero_copy_only=False), weights)
+            result[role][metric] = value if np.isfinite(value) else None
+    return result
+
+
+def _groups(table: pa.Table) -> dict[tuple[str, str], pa.Table]:
+    groups = {}
+    for metric in sorted(set(table.column("metric").to_pylist())):
+        by_metric = table.filter(pc.equal(table.column("metric"), metric))
+        for slice_ in sorted(set(by_metric.column("slice").to_pylist())):
+            groups[(metric, slice_)] = by_metric.filter(pc.equal(by_metric.column("slice"), slice_))
+    return groups
+
+
+def nll_scorer(hardware: Hardware, max_length: int) -> str:
+    return scorer_id("nll", max_length=max_length, quantization=hardware.quantization, device=hardware.device)
+
+
+def generation_scorer(hardware: Hardware, max_length: int, max_new_tokens: int) -> str:
+    return scorer_id("greedy", max_length=max_length, max_new_tokens=max_new_tokens, quantization=hardware.quantization, device=hardware.device)

@@ -39,6 +39,8 @@ __all__ = [
     "FeedbackStore",
     "FeedbackStoreLockedError",
     "ImportReport",
+    "MARK_ACTIONS",
+    "RowMark",
     "RunRecord",
     "split_for",
 ]
@@ -94,8 +96,39 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # v2: holds and exclusions as an append-only log (the latest mark per row and kind wins),
+        # and the parent-score cache, so a gate's cost grows with the rows it has not scored.
+        "CREATE SEQUENCE row_marks_seq START 1",
+        """
+        CREATE TABLE row_marks (
+            seq         BIGINT PRIMARY KEY DEFAULT nextval('row_marks_seq'),
+            model       VARCHAR NOT NULL,
+            feedback_id VARCHAR NOT NULL,
+            action      VARCHAR NOT NULL CHECK (action IN ('hold', 'release', 'exclude', 'include')),
+            reason      VARCHAR NOT NULL,
+            actor       VARCHAR NOT NULL,
+            version     VARCHAR,
+            marked_at   TIMESTAMPTZ NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE score_cache (
+            model        VARCHAR NOT NULL,
+            version      VARCHAR NOT NULL,
+            scorer       VARCHAR NOT NULL,
+            example_hash VARCHAR NOT NULL,
+            nll_sum      DOUBLE,
+            n_tokens     BIGINT,
+            text         VARCHAR,
+            scored_at    TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (model, version, scorer, example_hash)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+MARK_ACTIONS: tuple[str, ...] = ("hold", "release", "exclude", "include")
 
 _FEEDBACK_COLUMNS = (
     "id", "model", "artifact_type", "prompt", "output", "rating", "correction",
@@ -108,8 +141,11 @@ _INCOMING_SCHEMA = pa.schema(
 )
 
 # Every row of a model lands in exactly one bucket. Trainable = 'good' (target = output) or
-# 'needs_improvement' with a correction (target = correction). The lineage is a list parameter
-# unnested in SQL, so the cost is one scan of the model's rows and its lineage's consumption rows.
+# 'needs_improvement' with a correction (target = correction). An excluded row is out for good
+# (until included again), a held one until a person releases it: neither is trained or trusted.
+# The lineage is a list parameter unnested in SQL, so the cost is one scan of the model's rows,
+# its lineage's consumption rows and its marks. `trusted` marks eval and rejected-output rows that
+# arrived before the parent was accepted ($trusted_before; NULL in base mode: nothing is trusted).
 _CLASSIFIED_SQL = """
 WITH lineage AS (SELECT unnest($lineage::VARCHAR[]) AS version),
 consumed AS (
@@ -117,18 +153,31 @@ consumed AS (
     FROM version_rows
     WHERE model = $model AND role IN ('new', 'replay') AND version IN (SELECT version FROM lineage)
 ),
+marks AS (
+    SELECT feedback_id AS id,
+           arg_max(action, seq) FILTER (WHERE action IN ('hold', 'release')) AS hold_state,
+           arg_max(reason, seq) FILTER (WHERE action IN ('hold', 'release')) AS hold_reason,
+           arg_max(action, seq) FILTER (WHERE action IN ('exclude', 'include')) AS exclude_state
+    FROM row_marks WHERE model = $model GROUP BY feedback_id
+),
 classified AS (
     SELECT
         f.id, f.artifact_type, f.prompt, f.output, f.correction,
         CASE WHEN f.correction IS NOT NULL THEN f.correction ELSE f.output END AS target,
-        f.rating, f.source, f.generated_by, f.created_at, f.split,
+        f.rating, f.source, f.generated_by, f.created_at, f.ingested_at, f.split,
+        coalesce(f.ingested_at <= $trusted_before::TIMESTAMPTZ, false) AS trusted,
+        m.hold_reason,
         CASE
+            WHEN m.exclude_state = 'exclude' THEN 'excluded'
+            WHEN m.hold_state = 'hold' THEN 'held'
             WHEN f.rating = 'needs_improvement' AND f.correction IS NULL THEN 'rejected'
             WHEN f.split = 'eval' THEN 'eval'
             WHEN c.id IS NULL THEN 'new'
             ELSE 'learned'
         END AS bucket
-    FROM feedback AS f LEFT JOIN consumed AS c ON c.id = f.id
+    FROM feedback AS f
+    LEFT JOIN consumed AS c ON c.id = f.id
+    LEFT JOIN marks AS m ON m.id = f.id
     WHERE f.model = $model
 )
 """
@@ -303,26 +352,45 @@ class CollectedFeedback:
     """A model's feedback as the given lineage sees it; every row is in exactly one table.
 
     Columns: id, artifact_type, prompt, output, correction, target, rating, source, generated_by,
-    created_at (UTC), split; rows ordered by (created_at, id).
+    created_at and ingested_at (UTC), split, trusted, hold_reason; rows ordered by (created_at, id).
+    `trusted` is true for rows that arrived before the parent was accepted.
     """
 
     model: str
     lineage: tuple[str, ...]
     new: pa.Table  # train split, trainable, not learned by the lineage
     learned: pa.Table  # train split, trainable, learned (new or replayed) by the lineage: the replay pool
-    eval: pa.Table  # eval split, trainable: held out, never trained
+    eval: pa.Table  # eval split, trainable: never trained; trusted or arrived with the batch
     rejected: pa.Table  # 'needs_improvement' without a correction, any split: scored, never trained
+    held: pa.Table  # held until a person releases them: neither trained nor trusted
+    n_excluded: int = 0  # excluded for good: neither trained nor trusted (rows not fetched)
 
 
 @dataclass(frozen=True)
 class FeedbackCounts:
-    """Row counts per bucket of `CollectedFeedback`; total = new + learned + eval + rejected."""
+    """Row counts per bucket of `CollectedFeedback`; total = new + learned + eval + rejected + held + excluded."""
 
     total: int
     new: int
     learned: int
     eval: int
     rejected: int
+    held: int = 0
+    excluded: int = 0
+    trusted_eval: int = 0
+
+
+@dataclass(frozen=True)
+class RowMark:
+    """One hold, release, exclusion or inclusion of a feedback row, as recorded (never edited)."""
+
+    seq: int
+    feedback_id: str
+    action: str
+    reason: str
+    actor: str
+    version: str | None
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -491,21 +559,28 @@ class FeedbackStore:
 
     # -- reading feedback ---------------------------------------------------------------------
 
-    def collect(self, model: str, lineage: Sequence[str]) -> CollectedFeedback:
-        """The model's feedback split into new / learned / eval / rejected for this lineage.
+    def collect(
+        self, model: str, lineage: Sequence[str], *, trusted_before: datetime | None = None
+    ) -> CollectedFeedback:
+        """The model's feedback split into new / learned / eval / rejected / held for this lineage.
 
-        `lineage` names the current version and its ancestors (current first; empty in base mode).
-        "New" is defined by the consumption table alone: a train row is new unless a version in
-        the lineage consumed it (as new or replay). So rows used only by rejected candidates, or by
-        descendants abandoned in a rollback, are new, and a row committed after a previous collect
-        is new in the next one.
+        `lineage` names the current version and its ancestors (current first; empty in base mode);
+        `trusted_before` is when the current version was accepted (None in base mode): eval and
+        rejected-output rows that arrived by then are `trusted`. "New" is defined by the
+        consumption table alone: a train row is new unless a version in the lineage consumed it
+        (as new or replay), or it is held or excluded. So rows learned only by descendants
+        abandoned in a rollback are new again, and a row committed after a collect is new in the next.
         """
         lineage = self._check_lineage(model, lineage)
         with self._read() as con:
             table = con.sql(
-                _CLASSIFIED_SQL + "SELECT * FROM classified ORDER BY created_at, id",
-                params={"model": model, "lineage": list(lineage)},
+                _CLASSIFIED_SQL + "SELECT * FROM classified WHERE bucket <> 'excluded' ORDER BY created_at, id",
+                params=self._classify_params(model, lineage, trusted_before),
             ).to_arrow_table()
+            n_excluded = con.sql(
+                _CLASSIFIED_SQL + "SELECT count(*) FROM classified WHERE bucket = 'excluded'",
+                params=self._classify_params(model, lineage, trusted_before),
+            ).fetchall()[0][0]
 
         def bucket(name: str) -> pa.Table:
             return table.filter(pc.equal(table["bucket"], name)).drop_columns(["bucket"])
@@ -513,9 +588,10 @@ class FeedbackStore:
         return CollectedFeedback(
             model=model, lineage=lineage,
             new=bucket("new"), learned=bucket("learned"), eval=bucket("eval"), rejected=bucket("rejected"),
-        )
+            held=bucket("held"), n_excluded=int(n_excluded),
+        )  # fmt: skip
 
-    def counts(self, model: str, lineage: Sequence[str]) -> FeedbackCounts:
+    def counts(self, model: str, lineage: Sequence[str], *, trusted_before: datetime | None = None) -> FeedbackCounts:
         """How many of the model's rows are in each bucket of `collect`, without fetching them."""
         lineage = self._check_lineage(model, lineage)
         with self._read() as con:
@@ -526,12 +602,166 @@ class FeedbackStore:
                        count(*) FILTER (WHERE bucket = 'new'),
                        count(*) FILTER (WHERE bucket = 'learned'),
                        count(*) FILTER (WHERE bucket = 'eval'),
-                       count(*) FILTER (WHERE bucket = 'rejected')
+                       count(*) FILTER (WHERE bucket = 'rejected'),
+                       count(*) FILTER (WHERE bucket = 'held'),
+                       count(*) FILTER (WHERE bucket = 'excluded'),
+                       count(*) FILTER (WHERE bucket = 'eval' AND trusted)
                 FROM classified
                 """,
-                params={"model": model, "lineage": list(lineage)},
+                params=self._classify_params(model, lineage, trusted_before),
             ).fetchall()[0]
         return FeedbackCounts(*(int(value) for value in row))
+
+    @staticmethod
+    def _classify_params(model: str, lineage: tuple[str, ...], trusted_before: datetime | None) -> dict[str, Any]:
+        if trusted_before is not None and trusted_before.tzinfo is None:
+            raise ValueError("trusted_before must be timezone-aware (UTC), e.g. the parent's manifest finalized_at")
+        return {"model": model, "lineage": list(lineage), "trusted_before": trusted_before}
+
+    # -- holds and exclusions -----------------------------------------------------------------
+
+    def mark(
+        self,
+        model: str,
+        ids: Iterable[str],
+        action: str,
+        *,
+        reason: str,
+        actor: str,
+        version: str | None = None,
+    ) -> int:
+        """Record `action` (hold, release, exclude, include) for each row; returns how many rows changed.
+
+        Rows are never deleted: every mark is appended, and the latest hold/release and the latest
+        exclude/include of a row decide its state. A mark that would not change a row's state is
+        skipped, so repeating a command is a no-op. Unknown ids are refused (nothing recorded).
+        """
+        self._check_model(model)
+        if action not in MARK_ACTIONS:
+            raise ValueError(f"action {action!r} is not a mark; use one of: {', '.join(MARK_ACTIONS)}")
+        if not reason.strip():
+            raise ValueError(f"a {action} needs a reason (--reason): say why, it is kept with the row")
+        if not actor.strip():
+            raise ValueError(f"a {action} needs an actor (--by): who or what decided it")
+        if version is not None and not VERSION_NAME.match(version):
+            raise ValueError(f"version {version!r} is not a version name; expected vN_YYYYMMDD_HHMMSS or None")
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return 0
+        kind = ("hold", "release") if action in ("hold", "release") else ("exclude", "include")
+        with self._write() as con:
+            known = {
+                row_id
+                for (row_id,) in con.execute(
+                    "SELECT id FROM feedback WHERE model = ? AND id IN (SELECT unnest(?::VARCHAR[]))", [model, wanted]
+                ).fetchall()
+            }
+            unknown = [row_id for row_id in wanted if row_id not in known]
+            if unknown:
+                shown = ", ".join(repr(row_id) for row_id in unknown[:_MAX_LISTED_ERRORS])
+                raise InvalidFeedbackError(
+                    f"nothing was marked: {len(unknown)} id(s) are not feedback rows of model {model!r}: {shown}; "
+                    "check the ids (incremental feedback held lists held rows)"
+                )
+            state = dict(
+                con.execute(
+                    """
+                    SELECT feedback_id, arg_max(action, seq) FROM row_marks
+                    WHERE model = ? AND action IN (?, ?) AND feedback_id IN (SELECT unnest(?::VARCHAR[]))
+                    GROUP BY feedback_id
+                    """,
+                    [model, *kind, wanted],
+                ).fetchall()
+            )
+            resting = kind[1]  # a row with no mark of this kind is released / included
+            changing = [row_id for row_id in wanted if state.get(row_id, resting) != action]
+            if changing:
+                now = _utcnow()
+                con.executemany(
+                    "INSERT INTO row_marks (model, feedback_id, action, reason, actor, version, marked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(model, row_id, action, reason, actor, version, now) for row_id in changing],
+                )
+        if changing:
+            logger.info("[INCREMENTAL] %s %d feedback rows of %s: %s (by %s)", action.capitalize(), len(changing), model, reason, actor)
+        return len(changing)
+
+    def held_by(self, model: str, version: str) -> tuple[str, ...]:
+        """Ids of the rows currently held whose hold named `version` (its rejected batch or its screening)."""
+        self._check_model(model)
+        with self._read() as con:
+            rows = con.execute(
+                """
+                SELECT feedback_id FROM row_marks
+                WHERE model = ? AND action IN ('hold', 'release')
+                GROUP BY feedback_id
+                HAVING arg_max(action, seq) = 'hold' AND arg_max(version, seq) = ?
+                ORDER BY feedback_id
+                """,
+                [model, version],
+            ).fetchall()
+        return tuple(row_id for (row_id,) in rows)
+
+    def marks(self, model: str, ids: Sequence[str] | None = None) -> tuple[RowMark, ...]:
+        """The recorded marks of the model's rows (all, or of `ids`), oldest first."""
+        self._check_model(model)
+        with self._read() as con:
+            rows = con.execute(
+                """
+                SELECT seq, feedback_id, action, reason, actor, version, marked_at FROM row_marks
+                WHERE model = ? AND (?::VARCHAR[] IS NULL OR feedback_id IN (SELECT unnest(?::VARCHAR[])))
+                ORDER BY seq
+                """,
+                [model, None if ids is None else list(ids), None if ids is None else list(ids)],
+            ).fetchall()
+        return tuple(RowMark(*row) for row in rows)
+
+    # -- the parent-score cache ---------------------------------------------------------------
+
+    def cached_scores(self, model: str, version: str, scorer: str, hashes: Sequence[str]) -> dict[str, tuple]:
+        """{example_hash: (nll_sum, n_tokens, text)} for the hashes `version` was already scored on by `scorer`."""
+        self._check_model(model)
+        if not hashes:
+            return {}
+        with self._read() as con:
+            rows = con.execute(
+                """
+                SELECT example_hash, nll_sum, n_tokens, text FROM score_cache
+                WHERE model = ? AND version = ? AND scorer = ? AND example_hash IN (SELECT unnest(?::VARCHAR[]))
+                """,
+                [model, version, scorer, list(hashes)],
+            ).fetchall()
+        return {row[0]: tuple(row[1:]) for row in rows}
+
+    def cache_scores(self, model: str, version: str, scorer: str, entries: Mapping[str, tuple]) -> None:
+        """Store {example_hash: (nll_sum, n_tokens, text)}; an entry already cached is kept (scores are pure)."""
+        self._check_model(model)
+        if not VERSION_NAME.match(version):
+            raise ValueError(f"version {version!r} is not a version name; only finished versions' scores are cached")
+        if not entries:
+            return
+        now = _utcnow()
+        table = pa.table(
+            {
+                "model": [model] * len(entries),
+                "version": [version] * len(entries),
+                "scorer": [scorer] * len(entries),
+                "example_hash": list(entries),
+                "nll_sum": [value[0] for value in entries.values()],
+                "n_tokens": [value[1] for value in entries.values()],
+                "text": [value[2] for value in entries.values()],
+                "scored_at": [now] * len(entries),
+            },
+            schema=pa.schema(
+                [("model", pa.string()), ("version", pa.string()), ("scorer", pa.string()), ("example_hash", pa.string()),
+                 ("nll_sum", pa.float64()), ("n_tokens", pa.int64()), ("text", pa.string()), ("scored_at", _UTC_TIMESTAMP)]
+            ),
+        )  # fmt: skip
+        with self._write() as con:
+            con.register("incoming_scores", table)
+            try:
+                con.execute("INSERT INTO score_cache SELECT * FROM incoming_scores ON CONFLICT DO NOTHING")
+            finally:
+                con.unregister("incoming_scores")
 
     # -- consumption and runs -----------------------------------------------------------------
 

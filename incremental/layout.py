@@ -4,6 +4,7 @@ finetuned_models/<model>/
     vN_YYYYMMDD_HHMMSS/          a finished version: immutable once it appears
         adapter_config.json
         adapter_model.safetensors
+        scores.parquet           per-example scores of candidate and parent: the gate's evidence
         manifest.json            written last; its presence marks the folder complete
     current.json                 the pointer to the current accepted version
     history.jsonl                append-only log of pointer moves (promotions, rollbacks)
@@ -18,13 +19,14 @@ import re
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
+SCORES = "scores.parquet"
 CURRENT_POINTER = "current.json"
 HISTORY = "history.jsonl"
 STAGING_DIR = ".staging"
 LOCK_FILE = ".registry.lock"
 
 # Files a finished version folder holds, and nothing else: anything pickled is refused on load.
-VERSION_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST})
+VERSION_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, SCORES})
 
 VERSION_NAME = re.compile(r"^v(?P<number>[1-9][0-9]*)_(?P<stamp>[0-9]{8}_[0-9]{6})$")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
 
 _RECORD = ConfigDict(frozen=True, extra="allow")
 
@@ -39,6 +39,10 @@ class DataRecord(BaseModel):
     replay_ids: tuple[str, ...] = Field(description="Older rows of the lineage replayed against forgetting.")
     eval_ids: tuple[str, ...] = Field(description="Held-out rows the gate scored on (never trained).")
     rejected_ids: tuple[str, ...] = Field((), description="'needs_improvement' rows without a correction: scored, never trained.")
+    arrived_with_batch_ids: tuple[str, ...] = Field(
+        (), description="Eval and rejected-output rows that arrived with this batch: scored and reported, never trusted."
+    )
+    screened_ids: tuple[str, ...] = Field((), description="New rows the screening held before training (not trained).")
     n_train_examples: int
 
 
@@ -64,9 +68,14 @@ class GateRecord(BaseModel):
 
     model_config = _RECORD
 
-    verdict: Literal["accept", "reject"]
+    verdict: Literal["accept", "reject", "inconclusive"]
     reasons: tuple[str, ...]
     policy: dict
+    checks: tuple[dict, ...] = Field(
+        (), description="One record per metric and slice: n, candidate, parent, delta, interval, margin, outcome, reason."
+    )
+    held_ids: tuple[str, ...] = Field((), description="Rows held because the gate blamed this batch.")
+    evaluation: dict = Field({}, description="Evaluation cost: parent scores computed and taken from the cache, wall seconds.")
 
 
 class PromotionRecord(BaseModel):
@@ -96,7 +105,8 @@ class Manifest(BaseModel):
     data: DataRecord
     training: TrainingRecord
     scores: dict[str, dict[str, float | None]] = Field(
-        description="{'candidate': {metric: value}, 'parent': {metric: value}} on the same eval snapshot."
+        description="{'candidate': {metric: value}, 'parent': {metric: value}} on the judged slice of the same eval "
+        "snapshot (trusted rows; all rows for a first version). Per-example values are in scores.parquet."
     )
     gate: GateRecord
     promotion: PromotionRecord | None = None
@@ -113,7 +123,7 @@ class Manifest(BaseModel):
 # Libraries whose versions shape a run's result; recorded in every manifest.
 RECORDED_LIBRARIES = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
-    "evaluate", "tokenizers", "duckdb", "prefect", "incremental-lora",
+    "tokenizers", "duckdb", "prefect", "incremental-lora",
 )  # fmt: skip
 
 
@@ -140,14 +150,16 @@ def draft_manifest(
     config,
     snapshot,
     training: TrainingRecord,
-    candidate_scores,
-    parent_scores,
+    scores: dict[str, dict[str, float | None]],
     decision,
+    screened_ids: tuple[str, ...] = (),
+    held_ids: tuple[str, ...] = (),
+    evaluation: dict | None = None,
 ) -> Manifest:
     """The manifest of a finished candidate, before the registry settles status and promotion.
 
-    `config` is the RunConfig, `snapshot` the DatasetSnapshot, the scores `EvalScores | None`
-    and `decision` the gate's `Decision` (typed loosely to keep this module free of heavy imports).
+    `config` is the RunConfig, `snapshot` the DatasetSnapshot and `decision` the gate's `Decision`
+    (typed loosely to keep this module free of heavy imports).
     """
     return Manifest(
         name=name,
@@ -165,16 +177,18 @@ def draft_manifest(
             replay_ids=snapshot.replay_ids,
             eval_ids=snapshot.eval_ids,
             rejected_ids=snapshot.rejected_ids,
+            arrived_with_batch_ids=snapshot.arrived_with_batch_ids,
+            screened_ids=screened_ids,
             n_train_examples=len(snapshot.new_ids) + len(snapshot.replay_ids),
         ),
         training=training,
-        scores={
-            "candidate": dict(candidate_scores.metrics) if candidate_scores else {},
-            "parent": dict(parent_scores.metrics) if parent_scores else {},
-        },
+        scores=scores,
         gate=GateRecord(
             verdict=decision.verdict.value,
             reasons=decision.reasons,
             policy=config.gate.model_dump(mode="json"),
+            checks=tuple(check.as_record() for check in decision.checks),
+            held_ids=held_ids,
+            evaluation=evaluation or {},
         ),
     )

@@ -152,3 +152,19 @@ def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettin
 
 def count_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_scoring_model(base: ResolvedBase, hardware: Hardware, adapters: dict[str, Path]):
+    """The base with named, frozen adapters loaded beside each other (none: the bare base), and its tokenizer.
+
+    Scoring several adapters on one loaded base costs one base load; `set_adapter(name)` picks one.
+    """
+    tokenizer = load_tokenizer(base.source, base.load_revision)
+    model = load_base(base.source, base.load_revision, hardware)
+    if not adapters:
+        return model, tokenizer
+    (first, first_path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name)
+    return model, tokenizer

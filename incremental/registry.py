@@ -418,7 +418,7 @@ class Registry:
         ]
         if mismatches:
             raise RegistryError(f"the manifest does not match reservation {reservation.name}: {', '.join(mismatches)}")
-        if manifest.status == "accepted" and manifest.gate.verdict != "accept":
+        if manifest.status == "accepted" and manifest.gate.verdict == "reject":
             raise RegistryError(
                 f"manifest status is 'accepted' but the gate's verdict is {manifest.gate.verdict!r}; "
                 "set status from the gate's decision"

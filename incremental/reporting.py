@@ -31,6 +31,11 @@ class RunSummary(BaseModel):
     n_new: int = 0
     n_replay: int = 0
     n_eval: int = 0
+    verdict: str | None = None  # the gate's: accept, reject or inconclusive
+    checks: tuple[dict, ...] = ()  # the gate's per-metric, per-slice records
+    n_screened: int = 0  # new rows held by screening before training
+    n_held: int = 0  # rows held because the gate blamed the batch
+    evaluation: dict = {}
     wall_seconds: float = 0.0
 
     def headline(self) -> str:
@@ -42,18 +47,15 @@ class RunSummary(BaseModel):
 
     def to_markdown(self) -> str:
         lines = [f"# Retrain `{self.model}`: {self.status}", "", self.headline(), ""]
+        if self.n_screened:
+            lines += [f"Screening held {self.n_screened} suspect new rows before training (release them with `incremental feedback release`).", ""]
         if self.status != "skipped":
-            lines += [
-                f"Data: {self.n_new} new rows, {self.n_replay} replayed, {self.n_eval} held out.",
-                "",
-                "| metric | candidate | parent |",
-                "|---|---|---|",
-            ]
-            for metric in sorted(set(self.candidate_scores) | set(self.parent_scores)):
-                lines.append(
-                    f"| {metric} | {_fmt(self.candidate_scores.get(metric))} | {_fmt(self.parent_scores.get(metric))} |"
-                )
-            lines += ["", "Gate:"]
+            lines += [f"Data: {self.n_new} new rows, {self.n_replay} replayed, {self.n_eval} eval rows.", ""]
+            if self.verdict:
+                lines += [f"Gate verdict: **{self.verdict}**", "", verdict_table_markdown(self.checks), ""]
+            if self.n_held:
+                lines += [f"The gate blamed this batch: {self.n_held} rows are held until a person releases or excludes them.", ""]
+            lines += ["Reasons:"]
         lines += [f"- {reason}" for reason in self.reasons]
         return "\n".join(lines) + "\n"
 
@@ -117,3 +119,58 @@ def _fmt(value: float | None) -> str:
 
 def _signed(value: float | None) -> str:
     return "—" if value is None else f"{value:+.4f}"
+
+
+_VERDICT_COLUMNS = ("metric", "slice", "n", "parent", "candidate", "delta", "interval", "margin", "verdict")
+
+
+def verdict_table_rows(checks) -> list[dict[str, str]]:
+    """The gate's checks as table rows (metric, slice, n, parent, candidate, delta, interval, margin, verdict).
+
+    Takes `gate.Check` objects or their `as_record()` dicts (as stored in a manifest).
+    """
+    rows = []
+    for check in checks:
+        record = check if isinstance(check, dict) else check.as_record()
+        interval = "—" if record["low"] is None else f"[{record['low']:+.4f}, {record['high']:+.4f}]"
+        verdict = record["outcome"] if record["gated"] else f"{record['outcome']} (not gated)" if record["outcome"] != "reported" else "reported"
+        rows.append(
+            {
+                "metric": record["metric"], "slice": record["slice"], "n": str(record["n"]),
+                "parent": _fmt(record["parent"]), "candidate": _fmt(record["candidate"]), "delta": _signed(record["delta"]),
+                "interval": interval, "margin": _fmt(record["margin"]), "verdict": verdict,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def verdict_table_markdown(checks) -> str:
+    lines = ["| " + " | ".join(_VERDICT_COLUMNS) + " |", "|" + "---|" * len(_VERDICT_COLUMNS)]
+    lines += ["| " + " | ".join(row[c] for c in _VERDICT_COLUMNS) + " |" for row in verdict_table_rows(checks)]
+    return "\n".join(lines)
+
+
+def explain_version(registry: Registry, name: str) -> str:
+    """Why a version was accepted or rejected, in Markdown: data, verdict table, reasons, promotion."""
+    manifest = registry.get(name).manifest
+    gate, data = manifest.gate, manifest.data
+    lines = [
+        f"# {manifest.name} ({manifest.status})",
+        "",
+        f"Builds on {manifest.parent or 'the base model'}; base {manifest.base_model.id} @ {manifest.base_model.revision}.",
+        f"Trained on {len(data.new_ids)} new + {len(data.replay_ids)} replayed rows; judged on {len(data.eval_ids)} eval rows "
+        f"({len(data.arrived_with_batch_ids)} of the eval and rejected-output rows arrived with the batch and were not trusted).",
+    ]
+    if data.screened_ids:
+        lines.append(f"Screening held {len(data.screened_ids)} suspect new rows before training.")
+    if gate.held_ids:
+        lines.append(f"The gate blamed the batch: {len(gate.held_ids)} rows held.")
+    lines += ["", f"Gate verdict: **{gate.verdict}**", ""]
+    if gate.checks:
+        lines += [verdict_table_markdown(gate.checks), ""]
+    lines += ["Reasons:"] + [f"- {reason}" for reason in gate.reasons]
+    if manifest.promotion is not None:
+        lines += ["", f"Promotion: {'promoted' if manifest.promotion.promoted else 'not promoted'}: {manifest.promotion.reason}"]
+    if gate.evaluation:
+        lines += ["", "Evaluation: " + ", ".join(f"{k} {v}" for k, v in sorted(gate.evaluation.items()))]
+    return "\n".join(lines) + "\n"

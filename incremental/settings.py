@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         ),
     )
     base_model_revision: str | None = Field(None, description="Hub revision (commit or tag) of `base_model`; recorded in every manifest.")
+    golden_path: Path | None = Field(
+        None,
+        description="Optional JSONL file of reference rows (artifact_type, prompt, target) the gate always judges on, "
+        "besides the trusted feedback rows.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
     quantization: Literal["auto", "4bit", "none"] = Field(
         "auto", description="'auto' loads the base in 4-bit NF4 (QLoRA) on CUDA and in float32 on CPU."

@@ -525,3 +525,55 @@ def _swap_outputs(types: list[str], right: list[str], drawn: list[tuple[_Spec, s
         rendered = [_RENDERERS[artifact_type](drawn[j][0]) for j in others]
         outputs.append(next((text for text in rendered if text != right[i]), right[i]))
     return outputs
+
+
+# Ways feedback goes bad while every row is still rated "good". The gate benchmark feeds each through
+# the real flow; the demo uses "swapped".
+POISON_KINDS = ("swapped", "truncated", "wrong_type", "wrong_fields", "constant", "incomplete")
+
+
+def poisoned_feedback(n: int, seed: int, kind: str, *, model: str, source: str = "synthetic") -> list[dict]:
+    """`n` rows rated 'good' whose outputs are wrong in one consistent way:
+
+    swapped: the artifact of another row's notes; truncated: the right artifact cut to 30-70 % of its
+    lines; wrong_type: the right content rendered as another artifact type; wrong_fields: fluent
+    artifacts whose every attribute is replaced by another one; constant: one and the same artifact
+    for every row; incomplete: only the first entity of the notes, with no relations.
+    """
+    if kind not in POISON_KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(POISON_KINDS)}")
+    if kind == "swapped":
+        return synthetic_feedback(n, seed, model=model, poisoned=True, source=source)
+    drawn = _draw(n, seed, f"feedback:poison:{kind}")
+    rng = random.Random(f"poison:{kind}:{seed}")
+    types = [rng.choice(ARTIFACT_TYPES) for _ in drawn]
+    outputs = []
+    for (spec, _, _), artifact_type in zip(drawn, types):
+        right = _RENDERERS[artifact_type](spec)
+        if kind == "truncated":
+            lines = right.split("\n")
+            output = "\n".join(lines[: max(1, int(len(lines) * rng.uniform(0.3, 0.7)))])
+        elif kind == "wrong_type":
+            output = _RENDERERS[rng.choice([t for t in ARTIFACT_TYPES if t != artifact_type])](spec)
+        elif kind == "wrong_fields":
+            output = _RENDERERS[artifact_type](_replace_all_attributes(spec, rng))
+        elif kind == "constant":
+            output = _RENDERERS[artifact_type](drawn[0][0])
+        else:  # incomplete
+            output = _RENDERERS[artifact_type](replace(spec, entities=spec.entities[:1], relations=()))
+        outputs.append(output)
+    return [
+        {
+            "model": model, "artifact_type": t, "prompt": notes, "output": output, "rating": "good",
+            "correction": None, "source": source, "generated_by": None,
+        }
+        for (_, notes, _), t, output in zip(drawn, types, outputs)
+    ]  # fmt: skip
+
+
+def _replace_all_attributes(spec: _Spec, rng: random.Random) -> _Spec:
+    entities = []
+    for entity in spec.entities:
+        spare = [a for a in _ATTRIBUTE_TYPES if a not in entity.attributes]
+        entities.append(replace(entity, attributes=tuple(rng.sample(spare, len(entity.attributes)))))
+    return replace(spec, entities=tuple(entities))

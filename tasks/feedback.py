@@ -1,6 +1,9 @@
-"""Feedback-store tasks: read what the lineage has not learned, record what a version consumed, record runs."""
+"""Feedback-store tasks: read what the lineage has not learned, hold rows, record consumption and runs."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,10 +19,22 @@ def open_store(settings: Settings) -> FeedbackStore:
 
 # A read: safe to retry when another process holds the DuckDB file longer than the store waits.
 @task(name="collect-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def collect_feedback(settings: Settings, model: str, lineage: tuple[str, ...]) -> CollectedFeedback:
+def collect_feedback(
+    settings: Settings, model: str, lineage: tuple[str, ...], trusted_before: datetime | None
+) -> CollectedFeedback:
     store = open_store(settings)
     store.init()
-    return store.collect(model, lineage)
+    return store.collect(model, lineage, trusted_before=trusted_before)
+
+
+@task(name="hold-rows", cache_policy=NO_CACHE)
+def hold_rows(settings: Settings, model: str, reasons: Mapping[str, str], *, actor: str, version: str) -> int:
+    """Hold rows with their reasons (one mark per distinct reason); a person releases or excludes them."""
+    store = open_store(settings)
+    by_reason: dict[str, list[str]] = {}
+    for row_id, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(row_id)
+    return sum(store.mark(model, ids, "hold", reason=reason, actor=actor, version=version) for reason, ids in by_reason.items())
 
 
 @task(name="record-consumption", cache_policy=NO_CACHE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from prefect import task
@@ -21,6 +22,7 @@ class Parent:
     adapter_dir: Path | None
     lineage: tuple[str, ...]
     base: BaseModelRef | None
+    accepted_at: datetime | None = None  # feedback that arrived by then is trusted for judging its children
 
 
 @task(name="resolve-parent", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -36,6 +38,7 @@ def resolve_parent(settings: Settings, model: str) -> Parent:
         adapter_dir=registry.adapter_dir(name),
         lineage=tuple(registry.lineage(name)),
         base=version.manifest.base_model,
+        accepted_at=version.manifest.finalized_at,
     )
 
 

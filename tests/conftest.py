@@ -98,3 +98,15 @@ def case_table(n: int, seed: int):
     }
     return pa.table(columns, schema=pa.schema([(name, pa.string()) for name in columns]))
 
+
+
+def eval_table(n: int, seed: int, trusted: bool = False):
+    """Eval (or rejected-output) rows as the store returns them: with output, correction and trust flag."""
+    import pyarrow as pa
+
+    table = case_table(n, seed)
+    return (
+        table.append_column("output", table.column("target"))
+        .append_column("correction", pa.nulls(n, pa.string()))
+        .append_column("trusted", pa.array([trusted] * n, type=pa.bool_()))
+    )

@@ -1,67 +1,90 @@
-"""Evaluation on a real tiny model: same snapshot for both, metrics from the shipped evaluate
-modules, and a crashed evaluation that reaches the gate as a reason instead of being lost."""
+"""Evaluation on a real tiny model: per-example scores of both models on one snapshot, the parent's
+scores reused from a cache, the verdict recomputable from the stored table, and a crashed evaluation
+that reaches the gate as a reason instead of being lost."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from incremental.config import GatePolicy, RunConfig
+from incremental.config import GatePolicy, LoraSettings, RunConfig
 from incremental.dataset import plan_dataset
-from incremental.evaluation import load_metric
+from incremental.evaluation import evaluate_pair, evidence_from_table
 from incremental.gate import decide
 from incremental.manifest import BaseModelRef
-from incremental.modeling import Hardware, ResolvedBase
+from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base
 
-from conftest import case_table as table
+from conftest import case_table, eval_table
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
+POLICY = GatePolicy(generation_rows=3, max_new_tokens=24)
 
 
-def test_metric_modules_load_offline_and_weight_by_tokens():
-    nll = load_metric("target_nll").compute(nll_sum=[2.0, 10.0], n_tokens=[1, 9])
-    assert nll["target_nll"] == pytest.approx(12.0 / 10)  # not the mean of 2.0 and 1.11
-    gain = load_metric("prompt_gain").compute(
-        own_nll_sum=[1.0, 9.0], own_tokens=[1, 9], other_nll_sum=[3.0, 18.0], other_tokens=[1, 9]
-    )
-    assert gain["prompt_gain"] == pytest.approx(((3 - 1) * 1 + (2 - 1) * 9) / 10)
+def snapshot_with(tmp_path, *, trusted: int, new: int):
+    held_out = pa.concat_tables([eval_table(trusted, 2, True), eval_table(new, 3, False)])
+    empty = eval_table(0, 0, False)
+    return plan_dataset(case_table(8, 1), case_table(0, 0), held_out, empty, RunConfig().data, seed=0).write(tmp_path)
+
+
+@pytest.fixture
+def untrained(small_base, tmp_path):
+    """An untrained adapter (LoRA B = 0) is the base function: candidate and parent must agree."""
+    adapter = attach_trainable_adapter(load_base(str(small_base), None, CPU), None, LoraSettings(), CPU)
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    return tmp_path / "adapter"
+
+
+def test_slices_scores_and_cache(small_base, untrained, tmp_path):
+    base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
+    snapshot = snapshot_with(tmp_path / "data", trusted=10, new=6)
+    first = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320)
+    table = first.table.to_pylist()
+    assert {row["slice"] for row in table} == {"regression", "new"}
+    assert {row["metric"] for row in table} >= {"target_nll", "prompt_gain", "artifact_validity", "content_f1"}
+    for row in table:  # the same function on both sides: every per-example value agrees
+        assert row["candidate"] == pytest.approx(row["parent"], abs=1e-5)
+    assert sum(1 for row in table if row["metric"] == "target_nll" and row["slice"] == "regression") == 10
+    assert sum(1 for row in table if row["metric"] == "content_f1") == POLICY.generation_rows
+
+    # The parent's scores from the first run make the second one compute none of them.
+    second = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320, parent_cache=first.parent)
+    assert first.parent_scored > 0 and second.parent_scored == 0 and second.parent_cached == first.parent_scored
+    assert second.table.column("parent").to_pylist() == pytest.approx(first.table.column("parent").to_pylist())
+
+    # The verdict is a function of the stored table: recomputed, it is the same.
+    again = evidence_from_table(first.table, snapshot.eval_snapshot_hash, first_version=False)
+    assert decide(again, POLICY).verdict is decide(first.evidence, POLICY).verdict
+    assert [c.as_record() for c in decide(again, POLICY).checks] == [c.as_record() for c in decide(first.evidence, POLICY).checks]
+
+
+def test_first_version_is_judged_on_all_rows_against_the_base(small_base, untrained, tmp_path):
+    base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
+    snapshot = snapshot_with(tmp_path / "data", trusted=0, new=9)
+    result = evaluate_pair(base, CPU, untrained, None, snapshot, policy=POLICY, max_length=320)
+    assert set(result.table.column("slice").to_pylist()) == {"all"}
+    assert result.evidence.first_version
+    values = result.table.column("candidate").to_numpy() - result.table.column("parent").to_numpy()
+    assert np.allclose(values, 0.0, atol=1e-5)
 
 
 def test_crashed_evaluation_rejects_with_the_reason(small_base, tmp_path):
     from prefect.logging import disable_run_logger
 
+    from incremental.feedback import FeedbackStore
+    from incremental.settings import Settings
     from tasks.evaluation import evaluate_candidate
     from tasks.registry import Parent
 
-    snapshot = plan_dataset(table(8, 1), table(0, 0), table(6, 2), table(0, 0), RunConfig().data, seed=0).write(tmp_path)
+    snapshot = snapshot_with(tmp_path / "data", trusted=0, new=6)
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     parent = Parent(name=None, adapter_dir=None, lineage=(), base=None)
-    from incremental.settings import Settings
-
+    settings = Settings(device="cpu", db_path=tmp_path / "feedback.duckdb")
+    FeedbackStore(settings.db_path).init()
     with disable_run_logger():
-        candidate, parent_scores = evaluate_candidate.fn(
-            Settings(device="cpu"), base, tmp_path / "no-such-adapter", parent, snapshot, RunConfig()
-        )
-    assert candidate.error is not None
-    decision = decide(candidate, parent_scores, GatePolicy())
-    assert not decision.accepted and "evaluation failed" in decision.reasons[0]
-
-
-def test_base_as_parent_scores_same_snapshot(small_base, tmp_path):
-    from incremental.evaluation import evaluate_pair
-    from incremental.modeling import attach_trainable_adapter, load_base
-    from incremental.config import LoraSettings
-
-    snapshot = plan_dataset(table(8, 1), table(0, 0), table(6, 2), table(0, 0), RunConfig().data, seed=0).write(tmp_path)
-    # An untrained adapter (LoRA B = 0) is the base function: candidate and parent must agree.
-    untrained = attach_trainable_adapter(load_base(str(small_base), None, CPU), None, LoraSettings(), CPU)
-    untrained.save_pretrained(str(tmp_path / "adapter"))
-    base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
-    candidate, parent = evaluate_pair(base, CPU, tmp_path / "adapter", None, snapshot, max_length=320)
-    assert candidate.snapshot_hash == parent.snapshot_hash == snapshot.eval_snapshot_hash
-    assert candidate.n_examples == parent.n_examples == 6
-    for metric in ("target_nll", "prompt_gain"):
-        assert math.isfinite(candidate.metrics[metric])
-        assert candidate.metrics[metric] == pytest.approx(parent.metrics[metric], abs=1e-5)
+        evidence = evaluate_candidate.fn(settings, "tiny", base, tmp_path / "no-such-adapter", "v1_20250101_000000", parent,
+                                         snapshot, RunConfig())  # fmt: skip
+    assert evidence.error is not None
+    decision = decide(evidence, GatePolicy())
+    assert not decision.accepted and "evaluation failed" in decision.reasons[0] and not decision.blames_batch

@@ -6,16 +6,27 @@ from __future__ import annotations
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 
-from incremental.config import GatePolicy, RunConfig, TrainSettings
+from incremental.config import DataSettings, GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
 from incremental.feedback import FeedbackStore
 from incremental.layout import STAGING_DIR
 from incremental.registry import Registry
-from incremental.synthetic import synthetic_feedback
+from incremental.evaluation import evidence_from_table
+from incremental.gate import decide
+from incremental.synthetic import poisoned_feedback, synthetic_feedback
 
 pytestmark = pytest.mark.integration
-FAST = RunConfig(train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=320))
+# One epoch, short generations; the small test base barely reads its notes, so prompt gain (noisy
+# on it) is reported, not gated, and rows are not screened unless a test says so.
+FAST = RunConfig(
+    train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=320),
+    gate=GatePolicy(
+        prompt_gain=MetricRule(margin=0.03, gated=False), generation_rows=4, max_new_tokens=32,
+        screening=ScreeningPolicy(enabled=False),
+    ),
+)
 
 
 @pytest.fixture
@@ -46,18 +57,20 @@ def test_loop_end_to_end(prefect_api, env, store):
     v1 = registry.get(first.version).manifest
     assert v1.training.mode == "base" and v1.status == first.status
 
-    # The gate refuses: v2 is finalized as rejected, with reasons, and the pointer does not move.
+    # Too few trusted rows to judge on: v2 is finalized as rejected (inconclusive), with reasons,
+    # and the pointer does not move.
     current_before = registry.current()
     store.add_many(synthetic_feedback(30, 2, model="tiny"))
-    strict = FAST.model_copy(update={"gate": GatePolicy(min_eval_examples=10_000)})
+    strict = FAST.model_copy(update={"gate": FAST.gate.model_copy(update={"min_eval_examples": 10_000})})
     rejected = retrain(config=strict)
-    assert rejected.status == "rejected" and "at least 10000" in rejected.reasons[0]
+    assert rejected.status == "rejected" and "fewer than 10000 trusted eval rows" in rejected.reasons[0]
     assert registry.current() == current_before
     v2 = registry.get(rejected.version).manifest
-    assert v2.status == "rejected" and v2.gate.verdict == "reject" and v2.promotion.promoted is False
+    assert v2.status == "rejected" and v2.gate.verdict == "inconclusive" and v2.promotion.promoted is False
 
-    # Rows used only by the rejected candidate are still new, and the next run builds on the
-    # current version, never on the rejected one.
+    # Too few rows is no evidence against the batch: it is not held, its rows are still new, and
+    # the next run builds on the current version, never on the rejected one.
+    assert v2.gate.held_ids == () and rejected.n_held == 0
     lineage = tuple(registry.lineage())
     new_ids = set(store.collect("tiny", lineage).new["id"].to_pylist())
     assert set(v2.data.new_ids) <= new_ids
@@ -96,3 +109,59 @@ def test_feedback_committed_during_a_run_is_learned_by_the_next(prefect_api, env
     learned = Registry(env.models_root, "tiny").get(second.version).manifest.data
     late_train = [i for i in late_ids if i not in set(learned.eval_ids)]
     assert late_train and set(late_train) <= set(learned.new_ids)
+
+
+def test_a_batch_the_gate_blames_is_held_until_released(prefect_api, env, store):
+    registry = Registry(env.models_root, "tiny")
+    store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(60, 21, model="tiny"))])
+    first = retrain(config=FAST)
+    assert first.status == "accepted", first.reasons
+
+    # Filler text rated good as every artifact, trained hard: the model unlearns the artifacts, and
+    # the trusted rows (day 1's eval rows) show it while the batch's own eval rows look better.
+    words = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur")
+    poison = [
+        {**row, "id": f"bad-{i}", "output": " ".join(words[(i + k) % len(words)] for k in range(60))}
+        for i, row in enumerate(poisoned_feedback(40, 22, "constant", model="tiny"))
+    ]
+    store.add_many(poison)
+    hard = FAST.model_copy(
+        update={"train": TrainSettings(epochs=8, batch_size=8, learning_rate=2e-2, max_length=320), "data": DataSettings(replay_ratio=0)}
+    )
+    rejected = retrain(config=hard)
+    manifest = registry.get(rejected.version).manifest
+    assert rejected.status == "rejected" and manifest.gate.verdict == "reject", rejected.reasons
+    assert registry.current() == first.version
+    held = set(store.held_by("tiny", rejected.version))
+    bad_ids = {row["id"] for row in poison}
+    assert held == bad_ids and set(manifest.gate.held_ids) == bad_ids and rejected.n_held == len(bad_ids)
+    assert set(manifest.data.new_ids) | set(manifest.data.arrived_with_batch_ids) == bad_ids
+
+    # The verdict on paper: recomputed from the per-example scores stored with the version.
+    scores = pq.read_table(registry.root / rejected.version / "scores.parquet")
+    again = decide(evidence_from_table(scores, manifest.data.eval_snapshot_hash, first_version=False), hard.gate)
+    assert [c.as_record() for c in again.checks] == list(manifest.gate.checks)
+
+    # Held rows are neither trained nor trusted: nothing is new, the next run is skipped and says why.
+    skipped = retrain(config=FAST)
+    assert skipped.status == "skipped" and f"{len(bad_ids)} rows are held" in skipped.reasons[0]
+
+    # A person releases them: the next run trains on them again (and is judged again).
+    assert store.mark("tiny", list(held), "release", reason="reviewed", actor="test") == len(held)
+    again_run = retrain(config=FAST)
+    retrained = registry.get(again_run.version).manifest.data
+    assert set(retrained.new_ids) | set(retrained.arrived_with_batch_ids) == bad_ids
+
+
+def test_screening_holds_rows_that_are_not_what_they_claim(prefect_api, env, store):
+    # The format check needs no reference rows, so it screens in base mode too.
+    wrong = [{**row, "id": f"wrong-{i}"} for i, row in enumerate(poisoned_feedback(12, 32, "wrong_type", model="tiny"))]
+    store.add_many(wrong)
+    screening = FAST.model_copy(update={"gate": FAST.gate.model_copy(update={"screening": ScreeningPolicy()})})
+    summary = retrain(config=screening)
+    # Train rows and the eval rows that came with them: a held eval row never becomes trusted later.
+    assert summary.status == "skipped" and summary.n_screened == len(wrong) and "screening held" in summary.reasons[0]
+    marks = store.marks("tiny")
+    assert {m.feedback_id for m in marks} == {row["id"] for row in wrong}
+    assert {m.actor for m in marks} == {"screening"} and all("does not parse as" in m.reason for m in marks)
+    assert store.collect("tiny", []).eval.num_rows == 0

@@ -22,6 +22,7 @@ from incremental.manifest import BaseModelRef
 from incremental.training import train_adapter, train_candidate
 
 from conftest import case_table as rows
+from conftest import eval_table
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
@@ -86,7 +87,7 @@ def test_base_weights_never_change(small_base, tmp_path):
 
 
 def test_train_candidate_writes_only_the_adapter(small_base, tmp_path):
-    plan = plan_dataset(rows(16, 4), rows(0, 0), rows(4, 5), rows(0, 0), RunConfig().data, seed=0)
+    plan = plan_dataset(rows(16, 4), rows(0, 0), eval_table(4, 5), eval_table(0, 0), RunConfig().data, seed=0)
     snapshot = plan.write(tmp_path / "work")
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     steps = []

@@ -144,7 +144,7 @@ def test_finalize_writes_an_immutable_folder_with_the_manifest_filled_in(registr
     assert result.promoted and result.status == "accepted"
     assert result.path == registry.root / reservation.name
     assert not reservation.staging_dir.exists()
-    assert sorted(os.listdir(result.path)) == sorted(layout.VERSION_FILES)
+    assert sorted(os.listdir(result.path)) == sorted({layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS, layout.MANIFEST})
     manifest = Manifest.read(result.path / layout.MANIFEST)
     assert manifest.adapter_sha256 == hashlib.sha256((result.path / layout.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
     assert manifest.finalized_at is not None and manifest.promotion is not None and manifest.promotion.promoted

@@ -1,0 +1,134 @@
+"""The one scoring implementation: summed target NLL of (task, notes, target) triples, and greedy generation.
+
+Used by evaluation (the gate's evidence), screening (suspect new rows) and the embedded base's build
+report. Scores are keyed by a content hash of the triple and a scorer id (the scoring settings), so a
+cache can reuse them. Knows nothing about versions, slices, policies or the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from incremental.dataset import IGNORE_INDEX, encode_examples
+from incremental.prompting import build_prompt
+
+__all__ = ["NllScores", "Triple", "generate_greedy", "score_nll", "score_triples", "scorer_id", "triple_hash"]
+
+# Bump when the way a score is computed changes, so cached scores of older code are not reused.
+SCORING_VERSION = 1
+
+Triple = tuple[str, str, str]  # (task, notes, target)
+
+
+@dataclass(frozen=True)
+class NllScores:
+    """Per example: summed target NLL (nats) and scored target tokens (eos included)."""
+
+    nll_sum: np.ndarray
+    n_tokens: np.ndarray
+
+
+def triple_hash(task: str, notes: str, target: str) -> str:
+    digest = hashlib.sha256()
+    for part in (task, notes, target):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x1f")
+    return digest.hexdigest()
+
+
+def scorer_id(kind: str, **settings) -> str:
+    """A short id for a way of scoring ('nll', 'greedy') and the settings that change its numbers."""
+    text = json.dumps({"kind": kind, "scoring_version": SCORING_VERSION, **settings}, sort_keys=True)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def score_nll(model, tokenizer, tasks, notes, targets, *, max_length: int, batch_size: int = 16) -> NllScores:
+    """Summed NLL of each target given its prompt, one forward pass per length-sorted batch."""
+    examples = encode_examples(tokenizer, tasks, notes, targets, max_length)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    nll_sum = np.zeros(len(examples))
+    n_tokens = np.zeros(len(examples), dtype=np.int64)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            width = max(len(e.input_ids) for e in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, example in enumerate(batch):
+                length = len(example.input_ids)
+                input_ids[row, :length] = torch.tensor(example.input_ids)
+                labels[row, :length] = torch.tensor(example.labels)
+                attention[row, :length] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            shifted_labels = labels[:, 1:].to(device)
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            mask = shifted_labels != IGNORE_INDEX
+            sums = (token_nll * mask).sum(dim=1).double().cpu().numpy()
+            counts = mask.sum(dim=1).cpu().numpy()
+            for row, index in enumerate(order[start : start + batch_size]):
+                nll_sum[index] = sums[row]
+                n_tokens[index] = counts[row]
+    model.train(was_training)
+    return NllScores(nll_sum=nll_sum, n_tokens=n_tokens)
+
+
+def score_triples(
+    model, tokenizer, triples: Sequence[Triple], *, max_length: int, cached: Mapping[str, tuple] | None = None
+) -> dict[str, tuple[float, int]]:
+    """{triple_hash: (nll_sum, n_tokens)} for every distinct triple; those in `cached` are not scored again."""
+    cached = cached or {}
+    wanted = {triple_hash(*t): t for t in triples}
+    result = {h: (float(cached[h][0]), int(cached[h][1])) for h in wanted if h in cached}
+    missing = [h for h in wanted if h not in result]
+    if missing:
+        tasks, notes, targets = zip(*(wanted[h] for h in missing))
+        scores = score_nll(model, tokenizer, list(tasks), list(notes), list(targets), max_length=max_length)
+        for h, nll, n in zip(missing, scores.nll_sum, scores.n_tokens):
+            result[h] = (float(nll), int(n))
+    return result
+
+
+def generate_greedy(model, tokenizer, prompts: Sequence[tuple[str, str]], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy completions of (task, notes) prompts, decoded without special tokens, in input order."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    texts = [build_prompt(task, notes) for task, notes in prompts]
+    previous_side, previous_cache = tokenizer.padding_side, model.config.use_cache
+    tokenizer.padding_side = "left"  # generation continues from the last real token of each row
+    model.config.use_cache = True
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+                generated = model.generate(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new_tokens = generated[:, batch.input_ids.shape[1] :]
+                outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = previous_side
+        model.config.use_cache = previous_cache
+        model.train(was_training)
+    return outputs

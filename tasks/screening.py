@@ -1,0 +1,48 @@
+"""Screening task: the parent scores the new rows before training; suspect rows are returned for holding."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from incremental.config import RunConfig
+from incremental.evaluation import nll_scorer
+from incremental.feedback import CollectedFeedback
+from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
+from incremental.scoring import triple_hash
+from incremental.screening import ScreeningResult, screen_rows
+from incremental.settings import Settings
+from tasks.feedback import open_store
+from tasks.registry import Parent
+
+
+@task(name="screen-new-rows", cache_policy=NO_CACHE)
+def screen_new_rows(settings: Settings, base: ResolvedBase, parent: Parent, collected: CollectedFeedback, config: RunConfig) -> ScreeningResult:
+    """One scoring pass of the parent (the base model in base mode) over the batch (new train rows and the eval
+    rows that arrived with them) and the trusted eval rows it is compared with."""
+    hardware = Hardware.from_settings(settings)
+    max_length = config.train.max_length
+    reference = collected.eval.filter(pc.field("trusted"))
+    store, scorer = open_store(settings), nll_scorer(hardware, max_length)
+    cached = {}
+    if parent.name is not None:
+        hashes = [triple_hash(*t) for t in zip(*(reference.column(c).to_pylist() for c in ("artifact_type", "prompt", "target")))]
+        cached = store.cached_scores(collected.model, parent.name, scorer, hashes)
+    adapters = {} if parent.adapter_dir is None else {"parent": parent.adapter_dir}
+    model, tokenizer = load_scoring_model(base, hardware, adapters)
+    # The batch's own eval rows are screened too: held ones never become trusted evidence later.
+    columns = ["id", "artifact_type", "prompt", "target"]
+    batch = pa.concat_tables([collected.new.select(columns), collected.eval.filter(pc.invert(pc.field("trusted"))).select(columns)])
+    result = screen_rows(model, tokenizer, batch, reference, config.gate.screening, max_length=max_length, cached=cached)
+    if parent.name is not None:
+        store.cache_scores(collected.model, parent.name, scorer, {h: (*v, None) for h, v in result.scores.items() if h not in cached})
+    logger = get_run_logger()
+    logger.info(
+        "[INCREMENTAL] Screening: %d of %d new rows (train and eval) suspect (%d trusted reference rows, %.1f s)",
+        len(result.suspects), len(result.rows), result.n_reference, result.wall_seconds,
+    )
+    for row_id, reason in list(result.suspects.items())[:10]:
+        logger.info("[INCREMENTAL]   held %s: %s", row_id, reason)
+    return result
