@@ -55,11 +55,13 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
         reservation = reserve_version(settings, model, parent.name)
         record_run(settings, run_id, model, status="running", version=reservation.name, parent=parent.name)
         screened: tuple[str, ...] = ()
+        screening_seconds = 0.0
         with tempfile.TemporaryDirectory(prefix=f"incremental-{model}-") as work_dir:
             try:
                 # 4. Screening: the parent scores the new rows; suspect ones are held, not trained.
                 if config.gate.screening.enabled:
                     screening = screen_new_rows(settings, base, parent, collected, config)
+                    screening_seconds = screening.wall_seconds
                     if screening.suspects:
                         hold_rows(settings, model, screening.suspects, actor="screening", version=reservation.name)
                         screened = tuple(screening.suspects)
@@ -104,8 +106,8 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
             scores = evaluated.aggregates() if isinstance(evaluated, EvalResult) else {"candidate": {}, "parent": {}}
             cost = (
                 {"parent_scored": evaluated.parent_scored, "parent_cached": evaluated.parent_cached,
-                 "wall_seconds": evaluated.wall_seconds}
-                if isinstance(evaluated, EvalResult) else {}
+                 "wall_seconds": evaluated.wall_seconds, "screening_seconds": screening_seconds}
+                if isinstance(evaluated, EvalResult) else {"screening_seconds": screening_seconds}
             )  # fmt: skip
             manifest = draft_manifest(
                 name=reservation.name,

@@ -3,12 +3,15 @@ DuckDB file and a real tiny model that trains: the loop's invariants, observed f
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from incremental.config import DataSettings, GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
 from incremental.feedback import FeedbackStore
 from incremental.layout import STAGING_DIR
@@ -146,8 +149,33 @@ def test_a_batch_the_gate_blames_is_held_until_released(prefect_api, env, store)
     skipped = retrain(config=FAST)
     assert skipped.status == "skipped" and f"{len(bad_ids)} rows are held" in skipped.reasons[0]
 
+    # What a person sees: the verdict as a table artifact in the Prefect UI, explained on the
+    # command line, the held rows with their reason, the counts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])))
+    verdict_tables = [t for t in tables if rejected.version in (t.description or "")]
+    assert verdict_tables and "reject" in verdict_tables[0].description
+    rows = json.loads(verdict_tables[0].data) if isinstance(verdict_tables[0].data, str) else verdict_tables[0].data
+    assert {"metric", "slice", "interval", "verdict"} <= set(rows[0])
+    cli = CliRunner()
+    explained = cli.invoke(app, ["versions", "--explain", rejected.version])
+    assert explained.exit_code == 0, explained.output
+    assert "Gate verdict: reject" in explained.output and f"{len(bad_ids)} rows held" in explained.output
+    assert "target_nll" in explained.output and "regression" in explained.output
+    listed = cli.invoke(app, ["feedback", "held"])
+    assert f"{len(bad_ids)} held rows" in listed.output and "batch of rejected" in listed.output
+    assert f"{len(bad_ids)} held" in cli.invoke(app, ["status"]).output
+    calibrated = cli.invoke(app, ["gate", "calibrate", "--config", str(write_config(env, FAST))])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "Noise floor" in calibrated.output and "target_nll" in calibrated.output
+
     # A person releases them: the next run trains on them again (and is judged again).
-    assert store.mark("tiny", list(held), "release", reason="reviewed", actor="test") == len(held)
+    released = cli.invoke(app, ["feedback", "release", "--version", rejected.version, "--by", "ana", "--reason", "reviewed"])
+    assert released.exit_code == 0 and f"Released {len(bad_ids)} of {len(bad_ids)} rows" in released.output, released.output
+    assert store.marks("tiny", [sorted(bad_ids)[0]])[-1].actor == "ana"
     again_run = retrain(config=FAST)
     retrained = registry.get(again_run.version).manifest.data
     assert set(retrained.new_ids) | set(retrained.arrived_with_batch_ids) == bad_ids
@@ -165,3 +193,9 @@ def test_screening_holds_rows_that_are_not_what_they_claim(prefect_api, env, sto
     assert {m.feedback_id for m in marks} == {row["id"] for row in wrong}
     assert {m.actor for m in marks} == {"screening"} and all("does not parse as" in m.reason for m in marks)
     assert store.collect("tiny", []).eval.num_rows == 0
+
+
+def write_config(env, config: RunConfig):
+    path = env.db_path.parent / "run.json"
+    path.write_text(config.model_dump_json())
+    return path
