@@ -98,7 +98,16 @@ class ScreeningPolicy(BaseModel):
     min_reference_rows: int = Field(
         6, ge=2, description="Fewer unseen trusted rows of an artifact type than this and that type is not screened."
     )
-    partners: int = Field(4, ge=1, le=16, description="Other rows' notes each new row is scored under for its prompt gain (averaged).")
+    clean_suspect_share: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="Share of a clean batch's rows the rules flag anyway (3-6 % measured on the embedded default). "
+        "A source whose batch has improbably many more suspects is held whole.",
+    )
+    lot_p_value: float = Field(
+        0.01, gt=0.0, lt=1.0,
+        description="Hold every row of a source's batch when that many suspects would happen by chance to a clean "
+        "batch with probability below this (acceptance sampling: the rules miss some bad rows, so a bad lot is held whole).",
+    )
     check_format: bool = Field(
         True, description="A row whose target does not parse as its declared artifact type (a Mermaid erDiagram, an "
         "OpenAPI 3 document, an HTML form) is suspect."

@@ -23,8 +23,8 @@ from incremental.artifacts import check_artifact, content_f1
 from incremental.config import GatePolicy
 from incremental.dataset import DatasetSnapshot
 from incremental.gate import ALL, GOLDEN, NEW, REGRESSION, GateEvidence, PairedScores, judged_slices
-from incremental.modeling import Hardware, ResolvedBase
-from incremental.scoring import Triple, generate_greedy, score_triples, scorer_id, triple_hash
+from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
+from incremental.scoring import Triple, generate_greedy, partner_notes, partner_pool, score_triples, scorer_id, triple_hash
 from incremental.statistics import weighted_mean
 
 __all__ = ["EvalPlan", "EvalResult", "ModelScores", "evaluate_pair", "evidence_from_table", "plan_evaluation"]
@@ -91,27 +91,22 @@ def plan_evaluation(
 ) -> EvalPlan:
     """Assign slices, pick each target row's partner notes, and choose the generation sample.
 
-    The partners of a row are the next `partners_per_row` rows, in the order of the rows' content
-    hashes, with other notes: a fixed function of the eval set, so adding rows changes few partners
-    and the cache keeps most scores. Averaging over several partners keeps the luck of one
-    partner's notes (same domain or not) out of the per-example prompt gain. The generation sample
-    is the first `generation_rows` judged target rows in the same order: stable from run to run too.
+    Prompt gain scores every target under the notes of the same few partner rows: the oldest
+    trusted eval rows (`snapshot_eval` comes oldest first), then the rest. The trusted set only
+    grows, so the partners stay the same from run to run and the parent's scores stay cached;
+    averaging over several partners keeps the luck of one partner's notes (same domain or not)
+    out of the per-example prompt gain. The generation sample is the oldest `generation_rows`
+    judged target rows, stable from run to run too.
     """
     rows = snapshot_eval.to_pylist()
     for row in rows:
         if row["slice"] != GOLDEN:
             row["slice"] = ALL if first_version else (REGRESSION if row["trusted"] else NEW)
-        row["hash"] = triple_hash(row["artifact_type"], row["prompt"], row["target"])
-    targets = sorted((r for r in rows if r["kind"] == "target"), key=lambda r: r["hash"])
-    for position, row in enumerate(targets):
-        partners: list[str] = []
-        for k in range(1, len(targets)):
-            notes = targets[(position + k) % len(targets)]["prompt"]
-            if notes != row["prompt"] and notes not in partners:
-                partners.append(notes)
-                if len(partners) == partners_per_row:
-                    break
-        row["partner_notes"] = partners
+    targets = [r for r in rows if r["kind"] == "target"]
+    trusted_first = [r for r in targets if r["slice"] in (REGRESSION, GOLDEN)] + [r for r in targets if r["slice"] in (NEW, ALL)]
+    pool = partner_pool([r["prompt"] for r in trusted_first], partners_per_row)
+    for row in targets:
+        row["partner_notes"] = partner_notes(pool, row["prompt"], partners_per_row)
     judged = judged_slices(first_version)
     sample = [r["id"] for r in targets if r["slice"] in judged][:generation_rows]
     table = pa.table(
@@ -163,8 +158,6 @@ def evaluate_pair(
     The parent is another named adapter on the same base, or the bare base (adapter disabled)
     when the candidate is the first version.
     """
-    from incremental.modeling import load_scoring_model
-
     started = time.perf_counter()
     first_version = parent_adapter is None
     plan = plan_evaluation(

@@ -18,7 +18,10 @@ import torch
 from incremental.dataset import IGNORE_INDEX, encode_examples
 from incremental.prompting import build_prompt
 
-__all__ = ["NllScores", "Triple", "generate_greedy", "score_nll", "score_triples", "scorer_id", "triple_hash"]
+__all__ = [
+    "NllScores", "Triple", "generate_greedy", "partner_notes", "partner_pool", "score_nll", "score_triples", "scorer_id",
+    "triple_hash",
+]  # fmt: skip
 
 # Bump when the way a score is computed changes, so cached scores of older code are not reused.
 SCORING_VERSION = 1
@@ -40,6 +43,16 @@ def triple_hash(task: str, notes: str, target: str) -> str:
         digest.update(part.encode("utf-8"))
         digest.update(b"\x1f")
     return digest.hexdigest()
+
+
+def partner_pool(notes_oldest_first: Sequence[str], per_row: int) -> list[str]:
+    """The first `per_row + 1` distinct notes: enough that every row has `per_row` partners besides its own."""
+    return list(dict.fromkeys(notes_oldest_first))[: per_row + 1]
+
+
+def partner_notes(pool: Sequence[str], own_notes: str, per_row: int) -> list[str]:
+    """The notes a target is also scored under for its prompt gain: the pool's, its own left out."""
+    return [notes for notes in pool if notes != own_notes][:per_row]
 
 
 def scorer_id(kind: str, **settings) -> str:

@@ -3,7 +3,8 @@
 A row is suspect when its target is no more likely under its own meeting notes than under other
 rows' notes (it does not follow from its notes), when its per-token NLL is an outlier against the
 parent's NLL on unseen trusted rows of the same artifact type (robust z-score), or when its target
-does not parse as the artifact type it claims to be. Knows nothing
+does not parse as the artifact type it claims to be. When a source's batch has far more suspects than
+a clean batch shows, its unflagged rows are held with it (acceptance sampling). Knows nothing
 about the database or holds: it returns the suspects with their reasons; the caller holds them.
 """
 
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from incremental.artifacts import check_artifact
 from incremental.config import ScreeningPolicy
-from incremental.scoring import score_triples, triple_hash
+from incremental.scoring import partner_notes, partner_pool, score_triples, triple_hash
+from incremental.statistics import binomial_tail
 
-__all__ = ["ScreenedRow", "ScreeningResult", "screen_rows"]
+__all__ = ["ScreenedRow", "ScreeningResult", "hold_bad_lots", "screen_rows", "suspect_reason"]
 
 _MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation is 1.4826 MADs
 
@@ -29,6 +31,7 @@ _MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation is 1.4826 M
 class ScreenedRow:
     id: str
     artifact_type: str
+    source: str
     nll: float  # per token, under its own notes
     prompt_gain: float | None  # per token: NLL under partner notes minus under own notes
     nll_z: float | None  # robust z against unseen trusted rows of the type; None without enough of them
@@ -55,34 +58,21 @@ def screen_rows(
     policy: ScreeningPolicy,
     *,
     max_length: int,
+    partners: int = 4,
     cached: Mapping[str, tuple] | None = None,
 ) -> ScreeningResult:
-    """Score `new` (id, artifact_type, prompt, target) with the parent; `reference` are unseen trusted rows.
+    """Score `new` (id, artifact_type, prompt, target, source) with the parent; `reference` are unseen trusted rows.
 
-    Partner notes come from the reference rows (other rows of the batch when there are none), chosen
-    by content hash so the choice is fixed. Both rules compare a row with the parent's behaviour on
-    reference rows of the same artifact type and need `min_reference_rows` of them; with fewer (in
-    base mode there are none) that type is not screened.
+    Partner notes are the oldest reference rows' (the batch's own when there are none), as in
+    evaluation, so scores are shared through the cache. The model-based rules compare a row with
+    the parent's behaviour on reference rows of the same artifact type and need `min_reference_rows`
+    of them; with fewer (in base mode there are none) only the format rule screens that type.
     """
     started = time.perf_counter()
-    rows = new.select(["id", "artifact_type", "prompt", "target"]).to_pylist()
+    rows = new.select(["id", "artifact_type", "prompt", "target", "source"]).to_pylist()
     refs = reference.select(["id", "artifact_type", "prompt", "target"]).to_pylist()
-    pool = sorted(refs if refs else rows, key=lambda r: triple_hash(r["artifact_type"], r["prompt"], r["target"]))
-
-    def partners_of(row: dict) -> list[str]:
-        own_hash = triple_hash(row["artifact_type"], row["prompt"], row["target"])
-        chosen: list[str] = []
-        for candidate in _rotated(pool, own_hash):
-            if candidate["prompt"] != row["prompt"] and candidate["prompt"] not in chosen:
-                chosen.append(candidate["prompt"])
-                if len(chosen) == policy.partners:
-                    break
-        return chosen
-
-    triples = []
-    for row in rows + refs:
-        triples.append((row["artifact_type"], row["prompt"], row["target"]))
-        triples.extend((row["artifact_type"], notes, row["target"]) for notes in partners_of(row))
+    partners_of = _partner_function(rows, refs, partners)
+    triples = screening_triples(new, reference, partners)
     scores = score_triples(model, tokenizer, triples, max_length=max_length, cached=cached)
 
     def per_token(task: str, notes: str, target: str) -> float:
@@ -109,34 +99,78 @@ def screen_rows(
         task = row["artifact_type"]
         own, gain = measure(row)
         ref_nll, ref_gain = reference_stats.get(task, (np.array([]), np.array([])))
+        reason = suspect_reason(task, row["target"], own, gain, ref_nll, ref_gain, policy)
         z = _robust_z(own, ref_nll, policy.min_reference_rows)
-        reasons = []
-        # Only where the parent demonstrably reads the notes for this type: a parent that does not
-        # (a base model, say) gives clean rows a gain around zero too, and the rule would hold them.
-        reads_notes = ref_gain.size >= policy.min_reference_rows and float(np.median(ref_gain)) > policy.min_prompt_gain
-        if gain is not None and reads_notes and gain <= policy.min_prompt_gain:
-            reasons.append(
-                f"its target is no more likely under its own notes than under other notes "
-                f"(prompt gain {gain:+.3f} nats/token, needs > {policy.min_prompt_gain:g}; "
-                f"unseen trusted {task} rows: median {float(np.median(ref_gain)):+.3f})"
-            )
-        if policy.check_format:
-            check = check_artifact(task, row["target"])
-            if not check.valid:
-                reasons.append(f"its target does not parse as {task}: {check.problem}")
-        if z is not None and z > policy.max_nll_z:
-            reasons.append(
-                f"its NLL {own:.3f} nats/token is {z:.1f} robust SDs above the parent's on unseen {task} rows (max {policy.max_nll_z:g})"
-            )
-        screened.append(ScreenedRow(row["id"], task, own, gain, z, "; ".join(reasons) or None))
-    return ScreeningResult(tuple(screened), scores, len(refs), round(time.perf_counter() - started, 2))
+        screened.append(ScreenedRow(row["id"], task, row["source"], own, gain, z, reason))
+    return ScreeningResult(tuple(hold_bad_lots(screened, policy)), scores, len(refs), round(time.perf_counter() - started, 2))
 
 
-def _rotated(pool: list[dict], after_hash: str) -> list[dict]:
-    """The pool in hash order, starting after `after_hash`: a fixed partner for each row."""
-    hashes = [triple_hash(p["artifact_type"], p["prompt"], p["target"]) for p in pool]
-    start = int(np.searchsorted(np.array(hashes), after_hash, side="right")) if hashes else 0
-    return pool[start:] + pool[:start]
+def screening_triples(new: pa.Table, reference: pa.Table, partners: int = 4) -> list[tuple[str, str, str]]:
+    """Every (task, notes, target) screening scores: each row under its own notes and its partners'."""
+    columns = ["artifact_type", "prompt", "target"]
+    rows, refs = new.select(columns).to_pylist(), reference.select(columns).to_pylist()
+    partners_of = _partner_function(rows, refs, partners)
+    triples = []
+    for row in rows + refs:
+        triples.append((row["artifact_type"], row["prompt"], row["target"]))
+        triples.extend((row["artifact_type"], notes, row["target"]) for notes in partners_of(row))
+    return triples
+
+
+def _partner_function(rows: list[dict], refs: list[dict], partners: int):
+    # The same partners as evaluation uses (the oldest trusted rows), so the scores are shared
+    # through the cache: the reference rows' were computed when the parent was evaluated.
+    pool = partner_pool([r["prompt"] for r in (refs if refs else rows)], partners)
+    return lambda row: partner_notes(pool, row["prompt"], partners)
+
+
+def suspect_reason(
+    task: str, target: str, nll: float, gain: float | None, reference_nll: np.ndarray, reference_gain: np.ndarray,
+    policy: ScreeningPolicy,
+) -> str | None:
+    """Why one row is suspect, or None: the rules, given the parent's per-token NLL and prompt gain on
+    the row and on unseen trusted rows of its type."""
+    reasons = []
+    # Only where the parent demonstrably reads the notes for this type: a parent that does not
+    # (a base model, say) gives clean rows a gain around zero too, and the rule would hold them.
+    reads_notes = reference_gain.size >= policy.min_reference_rows and float(np.median(reference_gain)) > policy.min_prompt_gain
+    if gain is not None and reads_notes and gain <= policy.min_prompt_gain:
+        reasons.append(
+            f"its target is no more likely under its own notes than under other notes "
+            f"(prompt gain {gain:+.3f} nats/token, needs > {policy.min_prompt_gain:g}; "
+            f"unseen trusted {task} rows: median {float(np.median(reference_gain)):+.3f})"
+        )
+    if policy.check_format:
+        check = check_artifact(task, target)
+        if not check.valid:
+            reasons.append(f"its target does not parse as {task}: {check.problem}")
+    z = _robust_z(nll, reference_nll, policy.min_reference_rows)
+    if z is not None and z > policy.max_nll_z:
+        reasons.append(
+            f"its NLL {nll:.3f} nats/token is {z:.1f} robust SDs above the parent's on unseen {task} rows (max {policy.max_nll_z:g})"
+        )
+    return "; ".join(reasons) or None
+
+
+def hold_bad_lots(rows: list[ScreenedRow], policy: ScreeningPolicy) -> list[ScreenedRow]:
+    """Acceptance sampling per source: the rules catch most bad rows, not all, so when a source's batch
+    has far more suspects than a clean batch shows, its unflagged rows are held with it."""
+    by_source: dict[str, list[ScreenedRow]] = {}
+    for row in rows:
+        by_source.setdefault(row.source, []).append(row)
+    out = []
+    for source, lot in by_source.items():
+        flagged = sum(1 for row in lot if row.reason is not None)
+        p_value = binomial_tail(flagged, len(lot), policy.clean_suspect_share) if flagged else 1.0
+        if p_value >= policy.lot_p_value:
+            out.extend(lot)
+            continue
+        why = (
+            f"held with its batch from source {source!r}: {flagged} of {len(lot)} rows are suspect, far more than the "
+            f"{policy.clean_suspect_share:.0%} a clean batch shows (p = {p_value:.1e})"
+        )
+        out.extend(row if row.reason is not None else replace(row, reason=why) for row in lot)
+    return out
 
 
 def _robust_z(value: float, reference: np.ndarray, min_rows: int) -> float | None:

@@ -8,11 +8,12 @@ per-example differences, resampled by example. Pure numpy; knows nothing about m
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PairedInterval", "paired_bootstrap", "seed_for", "weighted_mean"]
+__all__ = ["PairedInterval", "binomial_tail", "paired_bootstrap", "seed_for", "weighted_mean"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class PairedInterval:
 def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     total = float(np.sum(weights))
     return float(np.dot(values, weights) / total) if total > 0 else float("nan")
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how surprising k flagged rows of n are if each is flagged with probability p."""
+    if not 0 <= k <= n or not 0.0 < p < 1.0:
+        raise ValueError(f"binomial_tail needs 0 <= k <= n and 0 < p < 1, got k={k}, n={n}, p={p}")
+    below = sum(math.comb(n, i) * p**i * (1.0 - p) ** (n - i) for i in range(k))
+    return max(0.0, 1.0 - below)
 
 
 def seed_for(*parts: str) -> int:

@@ -12,7 +12,7 @@ from incremental.evaluation import nll_scorer
 from incremental.feedback import CollectedFeedback
 from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
 from incremental.scoring import triple_hash
-from incremental.screening import ScreeningResult, screen_rows
+from incremental.screening import ScreeningResult, screen_rows, screening_triples
 from incremental.settings import Settings
 from tasks.feedback import open_store
 from tasks.registry import Parent
@@ -27,15 +27,19 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: Parent, coll
     reference = collected.eval.filter(pc.field("trusted"))
     store, scorer = open_store(settings), nll_scorer(hardware, max_length)
     cached = {}
+    # The batch's own eval rows are screened too: held ones never become trusted evidence later.
+    columns = ["id", "artifact_type", "prompt", "target", "source"]
+    batch = pa.concat_tables([collected.new.select(columns), collected.eval.filter(pc.invert(pc.field("trusted"))).select(columns)])
+    partners = config.gate.prompt_gain_partners
     if parent.name is not None:
-        hashes = [triple_hash(*t) for t in zip(*(reference.column(c).to_pylist() for c in ("artifact_type", "prompt", "target")))]
+        hashes = [triple_hash(*t) for t in screening_triples(batch, reference, partners)]
         cached = store.cached_scores(collected.model, parent.name, scorer, hashes)
     adapters = {} if parent.adapter_dir is None else {"parent": parent.adapter_dir}
     model, tokenizer = load_scoring_model(base, hardware, adapters)
-    # The batch's own eval rows are screened too: held ones never become trusted evidence later.
-    columns = ["id", "artifact_type", "prompt", "target"]
-    batch = pa.concat_tables([collected.new.select(columns), collected.eval.filter(pc.invert(pc.field("trusted"))).select(columns)])
-    result = screen_rows(model, tokenizer, batch, reference, config.gate.screening, max_length=max_length, cached=cached)
+    result = screen_rows(
+        model, tokenizer, batch, reference, config.gate.screening,
+        max_length=max_length, partners=partners, cached=cached,
+    )  # fmt: skip
     if parent.name is not None:
         store.cache_scores(collected.model, parent.name, scorer, {h: (*v, None) for h, v in result.scores.items() if h not in cached})
     logger = get_run_logger()

@@ -110,3 +110,13 @@ def eval_table(n: int, seed: int, trusted: bool = False):
         .append_column("correction", pa.nulls(n, pa.string()))
         .append_column("trusted", pa.array([trusted] * n, type=pa.bool_()))
     )
+
+
+def ids_in(split: str, count: int, prefix: str = "row") -> list[str]:
+    """Ids that land in `split` at the default share, so tests control which side a row is on."""
+    from incremental.feedback import split_for
+
+    candidates = (f"{prefix}-{number}" for number in range(10_000))
+    found = [candidate for candidate in candidates if split_for(candidate, 0.2) == split][:count]
+    assert len(found) == count, f"split_for never gives {split!r}"
+    return found

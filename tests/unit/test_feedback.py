@@ -28,6 +28,8 @@ from incremental.feedback import (
     split_for,
 )
 
+from conftest import ids_in
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 V1 = "v1_20250101_000000"
 V2 = "v2_20250102_000000"
@@ -45,14 +47,6 @@ def row(**overrides: object) -> dict[str, object]:
     }
     fields.update(overrides)
     return {key: value for key, value in fields.items() if value is not MISSING}
-
-
-def ids_in(split: str, count: int, prefix: str = "row") -> list[str]:
-    """Ids that land in `split` at the default share, so tests control which side a row is on."""
-    candidates = (f"{prefix}-{number}" for number in range(10_000))
-    found = [candidate for candidate in candidates if split_for(candidate, 0.2) == split][:count]
-    assert len(found) == count, f"split_for never gives {split!r}"
-    return found
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ import pytest
 
 import incremental.feedback as feedback
 from incremental.errors import InvalidFeedbackError
-from incremental.feedback import FeedbackStore, split_for
+from incremental.feedback import FeedbackStore
+
+from conftest import ids_in
 
 V1 = "v1_20250101_000000"
 V2 = "v2_20250102_000000"
@@ -23,12 +25,6 @@ def row(row_id: str, **overrides) -> dict:
         "id": row_id, "model": "tiny", "artifact_type": "erd", "prompt": f"notes of {row_id}",
         "output": f"erDiagram\n  A{row_id.replace('-', '')} {{\n    string name\n  }}", "rating": "good", **overrides,
     }  # fmt: skip
-
-
-def ids_in(split: str, count: int, prefix: str) -> list[str]:
-    found = [f"{prefix}-{n}" for n in range(10_000) if split_for(f"{prefix}-{n}", 0.2) == split][:count]
-    assert len(found) == count
-    return found
 
 
 @pytest.fixture
