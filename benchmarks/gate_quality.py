@@ -2,14 +2,15 @@
 
 Setup: the demo's days 1 and 2 (80 rows each, seed 0) through the real flow with the default run
 config, which must leave v2 accepted. Then, for each kind and seed, a fresh copy of that state gets
-one batch of `--rows` rows and one `retrain` run. Clean batches are honest synthetic feedback
-(good, corrected and rejected ratings); each poison kind rates every row "good" while its outputs
-are wrong in one consistent way (see `synthetic.POISON_KINDS`). Reports per kind: accepted,
-rejected, inconclusive, skipped (everything screened), poisoned rows the screening held; the
-false-accept rate (poison promoted) and false-reject rate (clean refused); gate wall time with a
-cold parent-score cache (emptied) and a warm one (the state as the flow leaves it), same trials.
-Then the demo story on `--demo-seeds` seeds. Writes its tables into BENCHMARKS.md and every trial
-to benchmarks/results/gate_quality_trials.csv.
+one batch of `--rows` rows and one `retrain` run, twice: with the default config (screening, then
+the gate) and with screening off (the gate alone, every row trained on). Clean batches are honest
+synthetic feedback (good, corrected and rejected ratings); each poison kind rates every row "good"
+while its outputs are wrong in one consistent way (see `synthetic.POISON_KINDS`). Reports per kind:
+accepted, rejected, inconclusive, skipped (everything held by screening), rows held by screening and
+by the gate; the false-accept rate (poison promoted) and false-reject rate (clean refused); the
+evaluation stage's wall time with a cold parent-score cache (emptied) and a warm one (as the flow
+leaves it) on the same clean batches. Then the demo story on `--demo-seeds` seeds. Writes its tables
+into BENCHMARKS.md and every trial to benchmarks/results/gate_quality_trials.csv.
 
     .venv/bin/python benchmarks/gate_quality.py [--seeds 10] [--rows 60] [--cold 5] [--demo-seeds 5]
 """
@@ -36,7 +37,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import duckdb  # noqa: E402
 
-from incremental.config import RunConfig  # noqa: E402
+from incremental.config import RunConfig, ScreeningPolicy  # noqa: E402
 from incremental.feedback import FeedbackStore  # noqa: E402
 from incremental.registry import Registry  # noqa: E402
 from incremental.synthetic import POISON_KINDS, poisoned_feedback, synthetic_feedback  # noqa: E402
@@ -76,11 +77,12 @@ def build_template(folder: Path, config: RunConfig) -> str:
 
 
 def run_trial(
-    template: Path, scratch: Path, kind: str, seed: int, rows: int, config: RunConfig, *, cold: bool, keep: Path | None = None
+    template: Path, scratch: Path, kind: str, seed: int, rows: int, config: RunConfig, *, cold: bool,
+    label: str = "default", keep: Path | None = None,
 ) -> dict:
     from flows.retrain import retrain
 
-    folder = scratch / f"{kind}-{seed}-{'cold' if cold else 'warm'}"
+    folder = scratch / f"{kind}-{seed}-{label}-{'cold' if cold else 'warm'}"
     shutil.copytree(template, folder)
     use_state(folder)
     if cold:
@@ -97,7 +99,7 @@ def run_trial(
     held_by_gate = {m.feedback_id for m in marks if m.actor == "gate" and m.action == "hold"}
     trainable = sum(1 for row in batch if row["rating"] == "good" or row["correction"])
     result = {
-        "kind": kind, "seed": seed, "cache": "cold" if cold else "warm", "status": summary.status,
+        "kind": kind, "seed": seed, "config": label, "cache": "cold" if cold else "warm", "status": summary.status,
         "verdict": summary.verdict or "skipped", "rows": rows, "trainable": trainable,
         "screened": len(screened), "held_by_gate": len(held_by_gate),
         "eval_seconds": summary.evaluation.get("wall_seconds"), "screening_seconds": summary.evaluation.get("screening_seconds"),
@@ -131,8 +133,8 @@ def run_demo_seeds(scratch: Path, seeds: int) -> list[dict]:
         try:
             with redirect_stdout(buffer):
                 summaries = run_demo(workdir, Console(file=buffer, width=160), seed=seed)
-            held = FeedbackStore(workdir / "feedback.duckdb").held_by(MODEL, summaries[2].version) if summaries[2].version else ()
-            results.append({"seed": seed, "story": "held", "statuses": " / ".join(s.status for s in summaries),
+            held = [m for m in FeedbackStore(workdir / "feedback.duckdb").marks(MODEL) if m.action == "hold"]
+            results.append({"seed": seed, "story": "as told", "statuses": " / ".join(s.status for s in summaries),
                             "v3_held": len(held), "seconds": round(time.perf_counter() - started)})  # fmt: skip
         except SystemExit:
             tail = buffer.getvalue().strip().splitlines()[-1:]
@@ -142,54 +144,73 @@ def run_demo_seeds(scratch: Path, seeds: int) -> list[dict]:
     return results
 
 
-def summarize(trials: list[dict], seeds: int) -> str:
-    warm = [t for t in trials if t["cache"] == "warm"]
+def outcome_table(trials: list[dict], title: str) -> list[str]:
     lines = [
-        "| kind | trials | accepted | rejected | inconclusive | skipped (all screened) | poisoned rows held by screening | held by the gate |",
+        title,
+        "",
+        "| kind | trials | accepted | rejected | inconclusive | skipped (all held by screening) | rows held by screening | rows held by the gate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind in KINDS:
-        rows = [t for t in warm if t["kind"] == kind]
+        rows = [t for t in trials if t["kind"] == kind]
         count = lambda predicate: sum(1 for t in rows if predicate(t))  # noqa: E731
-        screened = sum(t["screened"] for t in rows)
-        total = sum(t["trainable"] for t in rows)
         lines.append(
             f"| {kind} | {len(rows)} | {count(lambda t: t['status'] == 'accepted')} | {count(lambda t: t['verdict'] == 'reject')} | "
             f"{count(lambda t: t['verdict'] == 'inconclusive')} | {count(lambda t: t['status'] == 'skipped')} | "
-            f"{'—' if kind == 'clean' else f'{screened} of {total}'}"
-            f"{f' (clean rows held: {screened} of {total})' if kind == 'clean' else ''} | {sum(t['held_by_gate'] for t in rows)} |"
+            f"{sum(t['screened'] for t in rows)} of {sum(t['rows'] for t in rows)} | {sum(t['held_by_gate'] for t in rows)} |"
         )
-    poison = [t for t in warm if t["kind"] != "clean"]
-    clean = [t for t in warm if t["kind"] == "clean"]
+    poison = [t for t in trials if t["kind"] != "clean"]
+    clean = [t for t in trials if t["kind"] == "clean"]
     false_accepts = sum(1 for t in poison if t["status"] == "accepted")
     false_rejects = sum(1 for t in clean if t["status"] != "accepted")
-    lines += [
+    return lines + [
         "",
         f"False accepts (poison promoted): **{false_accepts} of {len(poison)}** poisoned trials "
         f"({100 * false_accepts / max(len(poison), 1):.0f} %; target 0).  ",
         f"False rejects (clean refused: rejected, inconclusive or skipped): **{false_rejects} of {len(clean)}** clean trials "
         f"({100 * false_rejects / max(len(clean), 1):.0f} %; target at most 10 %).",
+        "",
     ]
-    cold = {t["seed"]: t for t in trials if t["cache"] == "cold"}
-    pairs = [(cold[t["seed"]], t) for t in clean if t["seed"] in cold and t["eval_seconds"] and cold[t["seed"]]["eval_seconds"]]
+
+
+def summarize(trials: list[dict]) -> str:
+    clean = [t for t in trials if t["config"] == "default" and t["kind"] == "clean"]
+    lines = outcome_table(
+        [t for t in trials if t["config"] == "default"],
+        "**The default run config** (screening, then the gate). Rows held by screening count train rows and the "
+        "eval rows that arrived with them:",
+    )
+    lines += outcome_table(
+        [t for t in trials if t["config"] == "no-screening" and t["cache"] == "warm"],
+        "**The gate alone** (`gate.screening.enabled = false`, same batches): what the trusted-row rules catch when "
+        "every row is trained on:",
+    )
+    gate_only = [t for t in trials if t["config"] == "no-screening" and t["kind"] == "clean"]
+    cold = {t["seed"]: t for t in gate_only if t["cache"] == "cold"}
+    pairs = [(cold[t["seed"]], t) for t in gate_only if t["cache"] == "warm" and t["seed"] in cold and t["eval_seconds"]]
     if pairs:
-        gate_seconds = lambda t: t["eval_seconds"] + (t["screening_seconds"] or 0.0)  # noqa: E731
-        ratio = statistics.median(gate_seconds(w) / gate_seconds(c) for c, w in pairs)
+        ratio = statistics.median(w["eval_seconds"] / c["eval_seconds"] for c, w in pairs)
         lines += [
             "",
-            "Gate cost: screening (the parent scores the batch and the trusted rows) plus evaluation (both models on "
-            "the eval snapshot, greedy samples), the same clean trials with the parent-score cache emptied (cold) "
-            "and as the flow leaves it (warm):",
+            "Gate cost: the evaluation stage (load the base with both adapters, score candidate and parent per example, "
+            "generate the greedy samples) on the same clean batches with screening off, so that the parent's scores "
+            "come from the cache as the flow leaves it (warm) or are all computed (cold: cache emptied):",
             "",
-            "| cache | trials | median gate s (screening + evaluation) | median parent scores computed in evaluation | median from cache |",
+            "| parent-score cache | trials | median evaluation s | median parent scores computed | median from cache |",
             "|---|---|---|---|---|",
         ]
         for label, side in (("cold", [c for c, _ in pairs]), ("warm", [w for _, w in pairs])):
             lines.append(
-                f"| {label} | {len(side)} | {statistics.median(gate_seconds(t) for t in side):.2f} | "
+                f"| {label} | {len(side)} | {statistics.median(t['eval_seconds'] for t in side):.2f} | "
                 f"{statistics.median(t['parent_scored'] for t in side):.0f} | {statistics.median(t['parent_cached'] for t in side):.0f} |"
             )
-        lines.append(f"\nWarm / cold gate time, median of per-trial ratios: **{ratio:.2f}** (target at most 0.60).")
+        lines.append(f"\nWarm / cold evaluation time, median of per-trial ratios: **{ratio:.2f}** (target at most 0.60).")
+    screened = [t for t in clean if t["screening_seconds"]]
+    if screened:
+        lines.append(
+            f"Screening (default config, warm cache) took a median {statistics.median(t['screening_seconds'] for t in screened):.2f} s "
+            f"per clean batch of {screened[0]['rows']} rows, beside {statistics.median(t['eval_seconds'] for t in screened):.2f} s of evaluation."
+        )
     return "\n".join(lines)
 
 
@@ -216,6 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     config = RunConfig()
+    unscreened = config.model_copy(update={"gate": config.gate.model_copy(update={"screening": ScreeningPolicy(enabled=False)})})
     started = time.perf_counter()
     trials: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="gate-quality-") as scratch_name:
@@ -225,10 +247,12 @@ def main() -> None:
         print(f"template: {v2} accepted", flush=True)
         for seed in range(args.seeds):
             for kind in kinds:
-                trials.append(run_trial(template, scratch, kind, seed, args.rows, config, cold=False))
-                print(trials[-1], flush=True)
+                for label, run_config in (("default", config), ("no-screening", unscreened)):
+                    trials.append(run_trial(template, scratch, kind, seed, args.rows, run_config, cold=False, label=label))
+                    print(trials[-1], flush=True)
             if "clean" in kinds and seed < args.cold:
-                trials.append(run_trial(template, scratch, "clean", seed, args.rows, config, cold=True))
+                # The cache's effect on the gate alone: the same clean batch, screening off, cache emptied.
+                trials.append(run_trial(template, scratch, "clean", seed, args.rows, unscreened, cold=True, label="no-screening"))
                 print(trials[-1], flush=True)
         demos = run_demo_seeds(scratch, args.demo_seeds)
     results = ROOT / "benchmarks" / "results"
@@ -238,7 +262,7 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(trials)
-    demo_lines = ["| demo seed | story | runs (v1 / v2 / v3 / v4) | rows held after v3 | seconds |", "|---|---|---|---|---|"]
+    demo_lines = ["| demo seed | story | runs (v1 / v2 / v3 / v3b / v4) | rows held | seconds |", "|---|---|---|---|---|"]
     demo_lines += [f"| {d['seed']} | {d['story']} | {d['statuses']} | {d['v3_held']} | {d['seconds']} |" for d in demos]
     text = "\n".join(
         [
@@ -251,10 +275,10 @@ def main() -> None:
             f"accepted v2 (the demo's days 1 and 2) and adds one batch of {args.rows} rows. Per-trial rows: "
             "`benchmarks/results/gate_quality_trials.csv`.",
             "",
-            summarize(trials, args.seeds),
+            summarize(trials),
             "",
-            f"The demo story (v1, v2 accepted; the swapped batch rejected and held; rollback; v4 on clean rows) on "
-            f"{args.demo_seeds} seeds:",
+            f"The demo story (v1, v2 accepted; a swapped batch with screening off rejected by the gate and held; another "
+            f"held by screening; rollback; v4 on clean rows only; `incremental demo --seed N`) on {args.demo_seeds} seeds:",
             "",
             "\n".join(demo_lines),
         ]
