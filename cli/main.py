@@ -290,7 +290,10 @@ def gate_calibrate(
     config: Annotated[Optional[Path], typer.Option(help="JSON run config whose gate policy to calibrate (default: the defaults).")] = None,
 ) -> None:
     """Score the current version against itself (two bootstrap seeds, two greedy samples): the gate's noise floor."""
+    import pyarrow.parquet as pq
+
     from incremental.calibration import calibrate, flip_risks
+    from incremental.layout import SCORES
     from incremental.dataset import plan_dataset, read_golden
     from incremental.modeling import Hardware, load_scoring_model, resolve_base
 
@@ -306,15 +309,20 @@ def gate_calibrate(
                         run_config.train.seed, golden=golden)  # fmt: skip
     hardware = Hardware.from_settings(settings)
     scorer, tokenizer = load_scoring_model(resolve_base(settings), hardware, {"current": registry.adapter_dir(current)})
-    report = calibrate(scorer, tokenizer, plan.eval, run_config.gate, version=current, max_length=run_config.train.max_length)
+    scores_path = registry.root / current / SCORES
+    report = calibrate(
+        scorer, tokenizer, plan.eval, run_config.gate, version=current, max_length=run_config.train.max_length,
+        promotion_scores=pq.read_table(scores_path) if scores_path.is_file() else None,
+    )
     table = Table(title=f"Noise floor of the gate for the next candidate of {current} ({report.slice} rows)")
-    for column in ("metric", "n", "value", "interval seed A", "interval seed B", "sample B", "noise floor", "margin", "margin vs noise"):
+    for column in ("metric", "n", "value", "interval seed A", "interval seed B", "sample B", "± at its promotion", "noise floor", "margin", "margin vs noise"):
         table.add_column(column)
     for noise in report.metrics:
         table.add_row(
             noise.metric, str(noise.n), f"{noise.value:.4f}",
             f"[{noise.interval_a[0]:.4f}, {noise.interval_a[1]:.4f}]", f"[{noise.interval_b[0]:.4f}, {noise.interval_b[1]:.4f}]",
-            "—" if noise.sample_b is None else f"{noise.sample_b:.4f}", f"{noise.floor:.4f}", f"{noise.margin:.4f}",
+            "—" if noise.sample_b is None else f"{noise.sample_b:.4f}",
+            "—" if noise.resolution is None else f"{noise.resolution:.4f}", f"{noise.floor:.4f}", f"{noise.margin:.4f}",
             ("ok" if noise.margin_ok else "[red]margin below the noise floor: verdicts may flip[/]") + ("" if noise.gated else " (not gated)"),
         )  # fmt: skip
     console.print(table)

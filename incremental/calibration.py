@@ -2,7 +2,8 @@
 
 The current version is scored against itself on the rows its next candidate will be judged on. The
 bootstrap is run with two seeds, and generation uses two disjoint greedy samples of rows; how far
-each metric's interval moves between them is its noise floor. A margin below that floor makes clean
+each metric's interval moves between them is the noise that has nothing to do with any model. The
+version's own promotion adds how wide a real paired interval was. The larger of the two is the floor. A margin below that floor makes clean
 candidates inconclusive by chance, and a recorded verdict whose interval ends within the floor of
 its margin could have gone the other way. Knows nothing about the database or Prefect.
 """
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 
 from incremental.config import GatePolicy
 from incremental.evaluation import per_example_table, plan_evaluation, score_model
-from incremental.gate import METRICS, judged_slices
+from incremental.gate import ALL, METRICS, REGRESSION, judged_slices
 from incremental.statistics import paired_bootstrap, seed_for
 
 __all__ = ["CalibrationReport", "MetricNoise", "calibrate", "flip_risks"]
@@ -33,6 +34,8 @@ class MetricNoise:
     sample_b: float | None  # generation metrics: the value on a second, disjoint greedy sample
     margin: float
     gated: bool
+    resolution: float | None = None  # half-width of this metric's paired interval when the version was promoted
+
 
     @property
     def seed_noise(self) -> float:
@@ -44,8 +47,9 @@ class MetricNoise:
 
     @property
     def floor(self) -> float:
-        """How far the gate's numbers move with the seed and the sample alone."""
-        return self.seed_noise + self.sample_noise
+        """How far the gate's numbers move with the seed and the sample alone, or, when larger, how
+        wide a real candidate-minus-parent interval was (the version's own promotion)."""
+        return max(self.seed_noise + self.sample_noise, self.resolution or 0.0)
 
     @property
     def margin_ok(self) -> bool:
@@ -59,12 +63,17 @@ class CalibrationReport:
     metrics: tuple[MetricNoise, ...]
 
 
-def calibrate(model, tokenizer, eval_table: pa.Table, policy: GatePolicy, *, version: str, max_length: int) -> CalibrationReport:
+def calibrate(
+    model, tokenizer, eval_table: pa.Table, policy: GatePolicy, *, version: str, max_length: int,
+    promotion_scores: pa.Table | None = None,
+) -> CalibrationReport:
     """Score `model` (the current version) on `eval_table` (a dataset plan's eval rows) twice over.
 
     The rows are sliced as they will be for the next candidate; generation runs on the first
-    `generation_rows` judged rows (sample A) and on the next as many (sample B).
+    `generation_rows` judged rows (sample A) and on the next as many (sample B). `promotion_scores`
+    (the version's own scores.parquet) adds how wide its paired intervals were when it was judged.
     """
+    resolutions = promotion_resolution(promotion_scores, policy) if promotion_scores is not None else {}
     sample_size = policy.generation_rows
     plan = plan_evaluation(
         eval_table, first_version=False, snapshot_hash=f"calibrate:{version}", generation_rows=2 * sample_size,
@@ -103,10 +112,28 @@ def calibrate(model, tokenizer, eval_table: pa.Table, policy: GatePolicy, *, ver
                 metric=spec.name, n=int(in_a.sum()), value=intervals[0].candidate,
                 interval_a=(intervals[0].low, intervals[0].high), interval_b=(intervals[1].low, intervals[1].high),
                 sample_b=sample_b_value, margin=max(rule.margin, rule.relative_margin * abs(intervals[0].candidate)),
-                gated=rule.gated,
+                gated=rule.gated, resolution=resolutions.get(spec.name),
             )
         )  # fmt: skip
     return CalibrationReport(version=version, slice=judged, metrics=tuple(noises))
+
+
+def promotion_resolution(scores: pa.Table, policy: GatePolicy) -> dict[str, float]:
+    """Half-width of each metric's paired interval on the slice a version was judged on (its scores.parquet)."""
+    slices = set(scores.column("slice").to_pylist())
+    judged = ALL if ALL in slices else REGRESSION
+    out = {}
+    for spec in METRICS:
+        rows = scores.filter(pc.and_(pc.equal(scores.column("metric"), spec.name), pc.equal(scores.column("slice"), judged)))
+        if rows.num_rows < 2:
+            continue
+        interval = paired_bootstrap(
+            rows.column("candidate").to_numpy(zero_copy_only=False), rows.column("parent").to_numpy(zero_copy_only=False),
+            rows.column("weight").to_numpy(zero_copy_only=False), seed=seed_for("resolution", spec.name),
+            confidence=policy.confidence, resamples=policy.bootstrap_resamples,
+        )  # fmt: skip
+        out[spec.name] = (interval.high - interval.low) / 2
+    return out
 
 
 def flip_risks(report: CalibrationReport, checks: list[dict]) -> list[str]:
