@@ -27,7 +27,6 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from incremental.prompting import build_prompt
 from incremental.synthetic import RELATED_TASKS, generate_cases, related_task_pairs
 
 logger = logging.getLogger("incremental")

@@ -11,7 +11,6 @@ where possible. Knows nothing about thresholds (the gate) or the database (the c
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 

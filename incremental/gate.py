@@ -10,7 +10,6 @@ closed: a crashed evaluation, mismatched rows, a missing or non-finite score rej
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -297,8 +296,3 @@ def _must_improve(evidence: GateEvidence, policy: GatePolicy) -> Check:
     )
     return Check("target_nll", "new (must improve)", outcome, True, reason, interval.n, interval.candidate,
                  interval.parent, interval.difference, interval.low, interval.high, 0.0)  # fmt: skip
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON-safe: NaN and inf become None (the reasons name them)."""
-    return value if value is not None and math.isfinite(value) else None
