@@ -26,7 +26,7 @@ from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
 from incremental.scoring import Triple, generate_greedy, partner_notes, partner_pool, score_triples, scorer_id, triple_hash
 from incremental.statistics import weighted_mean
 
-__all__ = ["EvalPlan", "EvalResult", "ModelScores", "evaluate_pair", "evidence_from_table", "plan_evaluation"]
+__all__ = ["EvalPlan", "EvalResult", "ModelScores", "evaluate_pair", "evidence_from_table", "plan_evaluation", "plan_for"]
 
 SCORE_COLUMNS = ("id", "slice", "metric", "candidate", "parent", "weight")
 
@@ -128,6 +128,14 @@ def plan_evaluation(
     return EvalPlan(rows=table, generation_ids=tuple(sample), first_version=first_version, snapshot_hash=snapshot_hash)
 
 
+def plan_for(snapshot: DatasetSnapshot, policy: GatePolicy, *, first_version: bool) -> EvalPlan:
+    """The evaluation plan of a written snapshot under a gate policy."""
+    return plan_evaluation(
+        snapshot.read_eval(), first_version=first_version, snapshot_hash=snapshot.eval_snapshot_hash,
+        generation_rows=policy.generation_rows, partners_per_row=policy.prompt_gain_partners,
+    )  # fmt: skip
+
+
 def score_model(model, tokenizer, plan: EvalPlan, *, max_length: int, max_new_tokens: int, cached: ModelScores | None = None) -> tuple[ModelScores, int]:
     """A model's scores on the plan; returns them and how many it computed (the rest were cached)."""
     cached = cached or ModelScores({}, {})
@@ -151,18 +159,17 @@ def evaluate_pair(
     policy: GatePolicy,
     max_length: int,
     parent_cache: ModelScores | None = None,
+    plan: EvalPlan | None = None,
 ) -> EvalResult:
     """Candidate and parent scored on one loaded base, on the identical snapshot.
 
     The parent is another named adapter on the same base, or the bare base (adapter disabled)
-    when the candidate is the first version.
+    when the candidate is the first version. `plan` is `plan_for(snapshot, ...)`, when the caller
+    already made it to look up the parent's cached scores.
     """
     started = time.perf_counter()
     first_version = parent_adapter is None
-    plan = plan_evaluation(
-        snapshot.read_eval(), first_version=first_version, snapshot_hash=snapshot.eval_snapshot_hash,
-        generation_rows=policy.generation_rows, partners_per_row=policy.prompt_gain_partners,
-    )  # fmt: skip
+    plan = plan or plan_for(snapshot, policy, first_version=first_version)
     adapters = {"candidate": candidate_adapter} | ({} if parent_adapter is None else {"parent": parent_adapter})
     model, tokenizer = load_scoring_model(base, hardware, adapters)
     model.set_adapter("candidate")

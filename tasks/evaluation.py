@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from incremental import layout
 from incremental.config import RunConfig
 from incremental.dataset import DatasetSnapshot
-from incremental.evaluation import EvalResult, ModelScores, evaluate_pair, generation_scorer, nll_scorer, plan_evaluation
+from incremental.evaluation import EvalResult, ModelScores, evaluate_pair, generation_scorer, nll_scorer, plan_for
 from incremental.gate import GateEvidence
 from incremental.modeling import Hardware, ResolvedBase
 from incremental.scoring import triple_hash
@@ -39,18 +39,16 @@ def evaluate_candidate(
     scorers = (nll_scorer(hardware, max_length), generation_scorer(hardware, max_length, policy.max_new_tokens))
     store = open_store(settings)
     try:
+        plan = plan_for(snapshot, policy, first_version=parent.name is None)
         cache = None
         if parent.name is not None:
-            plan = plan_evaluation(
-                snapshot.read_eval(), first_version=False, snapshot_hash=snapshot.eval_snapshot_hash,
-                generation_rows=policy.generation_rows, partners_per_row=policy.prompt_gain_partners,
-            )  # fmt: skip
             nll = store.cached_scores(model_name, parent.name, scorers[0], [triple_hash(*t) for t in plan.triples()])
             texts = store.cached_scores(model_name, parent.name, scorers[1], list(plan.generation_prompts()))
             cache = ModelScores(nll={h: v[:2] for h, v in nll.items()}, generations={h: v[2] for h, v in texts.items()})
         result = evaluate_pair(
-            base, hardware, candidate_dir, parent.adapter_dir, snapshot, policy=policy, max_length=max_length, parent_cache=cache
-        )
+            base, hardware, candidate_dir, parent.adapter_dir, snapshot,
+            policy=policy, max_length=max_length, parent_cache=cache, plan=plan,
+        )  # fmt: skip
         pq.write_table(result.table, candidate_dir / layout.SCORES)
     # Broad on purpose: whatever breaks evaluation (OOM, a bad adapter, a metric bug) must reach
     # the gate as a recorded reason, so the candidate is finalized as rejected, not lost.
