@@ -433,10 +433,16 @@ class Registry:
         """
         self._check_own(reservation)
         self._check_manifest(reservation, manifest)
-        weights = self._check_staging(reservation)
-        adapter_sha256 = _sha256(weights)
-        for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS):
-            _fsync_file(reservation.staging_dir / name)
+        # Hashing and syncing happen outside the lock (a 7B adapter takes a while); another thread or
+        # process finalizing or releasing the same reservation meanwhile moves the files away.
+        try:
+            weights = self._check_staging(reservation)
+            adapter_sha256 = _sha256(weights)
+            for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS):
+                _fsync_file(reservation.staging_dir / name)
+        except FileNotFoundError:
+            self._check_staging(reservation)  # names what happened: already finalized, or released
+            raise
 
         with self._lock():
             # Re-checked under the lock: another thread or process may have finalized it meanwhile.

@@ -330,6 +330,40 @@ def test_finalizing_the_same_reservation_from_two_threads_makes_one_version(regi
     assert len(registry.history()) == 1
 
 
+def test_a_reservation_finalized_while_another_run_hashes_it_is_refused_clearly(registry: Registry, monkeypatch):
+    """The hash runs outside the lock; the other run's rename in that window must not surface as FileNotFoundError."""
+    import incremental.registry as registry_module
+
+    reservation = registry.reserve(None)
+    write_adapter(reservation.staging_dir)
+    hashing, finalized = threading.Event(), threading.Event()
+    real_sha256 = registry_module._sha256
+
+    def slow_sha256(path):
+        if threading.current_thread().name == "slow":
+            hashing.set()
+            assert finalized.wait(30)
+        return real_sha256(path)
+
+    monkeypatch.setattr(registry_module, "_sha256", slow_sha256)
+    outcome = {}
+
+    def slow_run():
+        try:
+            outcome["slow"] = registry.finalize(reservation, make_manifest(reservation))
+        except Exception as exc:  # noqa: BLE001 - the type is what the test checks
+            outcome["slow"] = exc
+
+    slow = threading.Thread(target=slow_run, name="slow")
+    slow.start()
+    assert hashing.wait(30)
+    registry.finalize(reservation, make_manifest(reservation))
+    finalized.set()
+    slow.join(30)
+    assert isinstance(outcome["slow"], RegistryError) and "already finalized" in str(outcome["slow"])
+    assert len(registry.history()) == 1
+
+
 def test_a_held_lock_times_out_with_a_clear_error(tmp_path: Path):
     registry = Registry(tmp_path, MODEL, lock_timeout_s=0.2)
     registry.root.mkdir()
