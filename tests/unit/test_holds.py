@@ -4,7 +4,7 @@ on real DuckDB files."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -122,6 +122,16 @@ def test_trusted_eval_rows_arrived_before_the_parent_was_accepted(store: Feedbac
     assert ids(store.collect("tiny", [V1], trusted_before=accepted_at).eval) == {late}
     with pytest.raises(ValueError, match="timezone-aware"):
         store.collect("tiny", [V1], trusted_before=datetime(2025, 1, 1))
+
+
+def test_a_row_that_arrived_at_the_acceptance_instant_is_trusted(store: FeedbackStore) -> None:
+    """The cutoff is inclusive: arrived at or before the parent was accepted."""
+    (row_id,) = ids_in("eval", 1, "b")
+    store.add_many([row(row_id)])
+    arrived = store.collect("tiny", []).eval.column("ingested_at")[0].as_py()
+    at = store.collect("tiny", [V1], trusted_before=arrived).eval.column("trusted").to_pylist()
+    before = store.collect("tiny", [V1], trusted_before=arrived - timedelta(microseconds=1)).eval.column("trusted").to_pylist()
+    assert (at, before) == ([True], [False])
 
 
 def test_score_cache_round_trip_keeps_the_first_entry(store: FeedbackStore) -> None:
