@@ -145,7 +145,7 @@ def score_model(model, tokenizer, plan: EvalPlan, *, max_length: int, max_new_to
     missing = [h for h in prompts if h not in cached.generations]
     texts = generate_greedy(model, tokenizer, [prompts[h] for h in missing], max_new_tokens=max_new_tokens)
     generations = {h: cached.generations[h] for h in prompts if h in cached.generations} | dict(zip(missing, texts))
-    computed = sum(1 for h in {triple_hash(*t) for t in triples} if h not in cached.nll) + len(missing)
+    computed = len(nll.keys() - cached.nll.keys()) + len(missing)
     return ModelScores(nll=nll, generations=generations), computed
 
 
