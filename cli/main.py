@@ -84,6 +84,22 @@ def status(model: ModelOption = None) -> None:
         console.print("See them with `incremental feedback held`; `incremental feedback release` or `exclude` decides.")
 
 
+def _next_run_data(settings: Settings, model: str, registry: Registry, current: str | None, config):
+    """What the next run would collect (with the config's eval window) and plan, without training."""
+    from functools import partial
+
+    from incremental.dataset import plan_dataset, read_golden
+    from incremental.feedback import EvalWindow
+
+    store = _store(settings)
+    window = EvalWindow(per_type=config.data.max_eval_rows_per_type, anchors=config.data.eval_anchor_rows)
+    lineage = registry.lineage(current) if current else []
+    collected = store.collect(model, lineage, trusted_before=_accepted_at(registry, current), window=window)
+    golden = read_golden(settings.golden_path) if settings.golden_path else None
+    plan = plan_dataset(collected, config.data, seed=config.train.seed, fetch_rows=partial(store.rows, model), golden=golden)
+    return collected, plan
+
+
 def _accepted_at(registry: Registry, version: str | None):
     """When `version` was accepted: eval rows that arrived by then are trusted for judging its children."""
     return None if version is None else registry.get(version).manifest.finalized_at
@@ -169,13 +185,41 @@ def feedback_add(
 
 @feedback_app.command("import")
 def feedback_import(
-    file: Annotated[Path, typer.Argument(help="JSONL file: one feedback object per line.")],
+    file: Annotated[Path, typer.Argument(help="JSONL (.jsonl, .ndjson), CSV (with a header line) or Parquet file of feedback rows.")],
     model: ModelOption = None,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Store the valid rows and write the invalid ones to FILE.rejected.jsonl beside it.")
+    ] = False,
 ) -> None:
-    """Import a JSONL file in one transaction: every row or none."""
+    """Import a file in one transaction: every row or none (or, with --skip-invalid, every valid row).
+
+    Importing the same file again stores nothing new: rows already stored with the same content are skipped.
+    """
     settings, model = _context(model)
-    report = _store(settings).import_file(file, default_model=model)
-    console.print(f"Imported {len(report.ids)} rows from {file}.")
+    report = _store(settings).import_file(file, default_model=model, skip_invalid=skip_invalid)
+    console.print(
+        f"Imported {report.stored} rows from {escape(str(file))}"
+        + (f"; {report.already_stored} were already stored (skipped)" if report.already_stored else "")
+        + (f"; {report.blank_lines} blank lines skipped" if report.blank_lines else "")
+        + "."
+    )
+    if report.rejected:
+        console.print(
+            f"[yellow]{report.rejected} invalid rows were not stored[/]; they and their problems are in "
+            f"{escape(str(report.rejected_path))}."
+        )
+
+
+@feedback_app.command("export")
+def feedback_export(
+    file: Annotated[Path, typer.Argument(help="Output .parquet or .jsonl file.")],
+    model: Annotated[Optional[str], typer.Option(help="Only this model's rows (default: every model's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace FILE if it exists.")] = False,
+) -> None:
+    """Write every feedback row, with all its columns, to Parquet or JSONL; `feedback import` reads it back."""
+    settings = Settings()
+    written = _store(settings).export(file, model=model, overwrite=overwrite)
+    console.print(f"Exported {written} rows{f' of {model}' if model else ''} to {escape(str(file))}.")
 
 
 IdsOption = Annotated[Optional[str], typer.Option("--ids", help="Comma-separated feedback ids.")]
@@ -259,21 +303,18 @@ def dataset_preview(
 ) -> None:
     """Counts of new, replay and eval rows the next run would use, and a few new rows."""
     from incremental.config import RunConfig
-    from incremental.dataset import plan_dataset
 
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
     current = registry.current()
-    lineage = registry.lineage() if current else []
-    collected = _store(settings).collect(model, lineage, trusted_before=_accepted_at(registry, current))
-    config = RunConfig()
-    plan = plan_dataset(collected.new, collected.learned, collected.eval, collected.rejected, config.data, config.train.seed)
+    collected, plan = _next_run_data(settings, model, registry, current, RunConfig())
     n_trusted = sum(collected.eval.column("trusted").to_pylist())
     console.print(
         f"Next run for {model} (builds on {current or 'base model'}): "
         f"[bold]{len(plan.new_ids)} new[/] + {len(plan.replay_ids)} replayed rows to train on (screening may hold some); "
         f"{len(plan.eval_ids)} eval rows ({n_trusted} trusted, judged; {len(plan.eval_ids) - n_trusted} arrived since "
-        f"{current or 'the start'}, reported only) and {len(plan.rejected_ids)} rejected outputs to evaluate on; "
+        f"{current or 'the start'}, reported only) and {len(plan.rejected_ids)} rejected outputs to evaluate on "
+        f"(a window of {collected.available.get('eval', 0)} eval and {collected.available.get('rejected', 0)} rejected rows); "
         f"{collected.held.num_rows} held and {collected.n_excluded} excluded rows left out."
     )
     table = Table(title="New rows")
@@ -282,6 +323,42 @@ def dataset_preview(
     for row in collected.new.slice(0, examples).to_pylist():
         table.add_row(row["id"][:8], row["artifact_type"], _clip(row["prompt"]), _clip(row["target"]))
     console.print(table)
+
+
+@dataset_app.command("rebuild")
+def dataset_rebuild(
+    version: Annotated[str, typer.Argument(help="The version whose training and eval snapshot to rebuild.")],
+    model: ModelOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write train.parquet and eval.parquet into.")] = None,
+) -> None:
+    """Rebuild a version's train and eval snapshot from its manifest and the stored rows; check both hashes."""
+    from functools import partial
+
+    from incremental.dataset import content_hash, EVAL_COLUMNS, rebuild_plan, read_golden
+
+    settings, model = _context(model)
+    registry = Registry(settings.models_root, model)
+    manifest = registry.get(version).manifest
+    data = manifest.data
+    golden = read_golden(settings.golden_path) if settings.golden_path else None
+    plan = rebuild_plan(
+        new_ids=data.new_ids, replay_ids=data.replay_ids, eval_ids=data.eval_ids, rejected_ids=data.rejected_ids,
+        fetch_rows=partial(_store(settings).rows, model), trusted_before=_accepted_at(registry, manifest.parent), golden=golden,
+    )  # fmt: skip
+    train_ok = content_hash(plan.train) == data.dataset_hash
+    eval_ok = content_hash(plan.eval, EVAL_COLUMNS) == data.eval_snapshot_hash
+    console.print(
+        f"{version}: {plan.train.num_rows} train rows ({len(data.new_ids)} new + {len(data.replay_ids)} replay), "
+        f"{plan.eval.num_rows} eval rows. Train snapshot hash: {'[green]matches[/]' if train_ok else '[red]differs[/]'} "
+        f"the manifest; eval snapshot hash: {'[green]matches[/]' if eval_ok else '[red]differs[/]'}."
+    )
+    if not eval_ok:
+        console.print("The eval snapshot includes the golden file (INCREMENTAL_GOLDEN_PATH): it must be the one that run used.")
+    if out is not None:
+        plan.write(out)
+        console.print(f"Wrote {escape(str(out / 'train.parquet'))} and {escape(str(out / 'eval.parquet'))}.")
+    if not (train_ok and eval_ok):
+        raise typer.Exit(1)
 
 
 @gate_app.command("calibrate")
@@ -294,7 +371,6 @@ def gate_calibrate(
 
     from incremental.calibration import calibrate, flip_risks
     from incremental.layout import SCORES
-    from incremental.dataset import plan_dataset, read_golden
     from incremental.modeling import Hardware, load_scoring_model, resolve_base
 
     settings, model = _context(model)
@@ -303,10 +379,7 @@ def gate_calibrate(
     current = registry.current()
     if current is None:
         raise typer.BadParameter(f"{model} is in base mode: calibrate needs a current version to score against itself")
-    collected = _store(settings).collect(model, registry.lineage(current), trusted_before=_accepted_at(registry, current))
-    golden = read_golden(settings.golden_path) if settings.golden_path else None
-    plan = plan_dataset(collected.new, collected.learned, collected.eval, collected.rejected, run_config.data,
-                        run_config.train.seed, golden=golden)  # fmt: skip
+    _, plan = _next_run_data(settings, model, registry, current, run_config)
     hardware = Hardware.from_settings(settings)
     scorer, tokenizer = load_scoring_model(resolve_base(settings), hardware, {"current": registry.adapter_dir(current)})
     scores_path = registry.root / current / SCORES

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
-from prefect.runtime import flow_run
 
 from incremental.config import RunConfig
 from incremental.evaluation import EvalResult
@@ -26,7 +24,7 @@ from incremental.reporting import RunSummary
 from incremental.settings import Settings
 from tasks.dataset import build_dataset
 from tasks.evaluation import evaluate_candidate
-from tasks.feedback import collect_feedback, hold_rows, record_consumption, record_run
+from tasks.feedback import collect_feedback, hold_rows, record_consumption
 from tasks.gate import gate_candidate
 from tasks.logs import library_logs_to_run_logger
 from tasks.registry import finalize_version, release_version, reserve_version, resolve_parent
@@ -40,20 +38,18 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
     """One run of the loop for `model` (default: INCREMENTAL_MODEL)."""
     settings = Settings()
     model = model or settings.model
-    run_id = str(flow_run.get_id() or uuid.uuid4())
     started = time.perf_counter()
     with library_logs_to_run_logger() as logger:
         # 1. The version to build on: the current accepted one, read from the folder tree.
         parent = resolve_parent(settings, model)
         # 2. Feedback this lineage has not learned yet; eval rows older than the parent are trusted.
-        collected = collect_feedback(settings, model, parent.lineage, parent.accepted_at)
+        collected = collect_feedback(settings, model, parent.lineage, parent.accepted_at, config.data)
         if collected.new.num_rows < config.data.min_new_rows:
-            return _skip(settings, run_id, model, parent.name, _nothing_new(model, collected, config, parent.name), logger)
+            return _skip(settings, model, parent.name, _nothing_new(model, collected, config, parent.name), logger)
 
         # 3. The base model, and a reserved name for the candidate.
         base = prepare_base(settings, parent)
         reservation = reserve_version(settings, model, parent.name)
-        record_run(settings, run_id, model, status="running", version=reservation.name, parent=parent.name)
         screened: tuple[str, ...] = ()
         screening_seconds = 0.0
         with tempfile.TemporaryDirectory(prefix=f"incremental-{model}-") as work_dir:
@@ -75,16 +71,14 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
                             f"{collected.new.num_rows} new train rows remain (need {config.data.min_new_rows}); "
                             "see `incremental feedback held`, release or exclude them"
                         )
-                        return _skip(settings, run_id, model, parent.name, reason, logger, n_screened=len(screened))
+                        return _skip(settings, model, parent.name, reason, logger, n_screened=len(screened))
                 logger.info("[INCREMENTAL] Training %s (builds on %s)", reservation.name, parent.name or "base model")
                 # 5. New rows + replay for training; eval rows (trusted / arrived with the batch) for judging.
                 snapshot = build_dataset(settings, collected, config, Path(work_dir))
                 # 6. Continue the parent's adapter (or start one) on the train split.
                 training = train_candidate(settings, base, parent, snapshot, config, reservation.staging_dir)
-            except BaseException as error:
+            except BaseException:
                 release_version(settings, model, reservation)
-                record_run(settings, run_id, model, status="failed", reason=f"training failed: {error!r}",
-                           version=reservation.name, parent=parent.name)  # fmt: skip
                 raise
             # 7. Candidate and parent on the same eval snapshot, per example.
             evaluated = evaluate_candidate(
@@ -123,6 +117,7 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
                 screened_ids=screened,
                 held_ids=held,
                 evaluation=cost,
+                eval_window=collected.window_record(),
             )
             result = finalize_version(settings, model, reservation, manifest)
 
@@ -149,9 +144,6 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
             logger.info("[INCREMENTAL] ✅ %s accepted: now current. Next training will build on: %s", result.name, result.name)
         else:
             logger.warning("[INCREMENTAL] ❌ %s rejected: %s. Current stays %s", result.name, reasons[0], parent.name or "base model")
-        record_run(settings, run_id, model, status=summary.status, reason=reasons[0], version=result.name,
-                   parent=parent.name, details={"verdict": summary.verdict, "scores": {"candidate": summary.candidate_scores,
-                                                                          "parent": summary.parent_scores}})  # fmt: skip
         publish_report(settings, summary)
         return summary
 
@@ -164,9 +156,8 @@ def _nothing_new(model: str, collected: CollectedFeedback, config: RunConfig, pa
     )
 
 
-def _skip(settings: Settings, run_id: str, model: str, parent: str | None, reason: str, logger, n_screened: int = 0) -> RunSummary:
+def _skip(settings: Settings, model: str, parent: str | None, reason: str, logger, n_screened: int = 0) -> RunSummary:
     logger.info("[INCREMENTAL] %s", reason)
-    record_run(settings, run_id, model, status="skipped", reason=reason, parent=parent)
     summary = RunSummary(model=model, status="skipped", parent=parent, reasons=(reason,), n_screened=n_screened)
     publish_report(settings, summary)
     return summary

@@ -58,6 +58,17 @@ class DataSettings(BaseModel):
     )
     max_replay_rows: int = Field(2000, ge=0, description="Upper bound on replayed rows, so cost stays O(new + bounded replay).")
     min_new_rows: int = Field(1, ge=1, description="Fewer new trainable rows than this and the run is skipped.")
+    max_eval_rows_per_type: int | None = Field(
+        128, ge=1,
+        description="Trusted eval rows (and trusted rejected outputs) a run scores per artifact type: the most recent "
+        "ones, so evaluation cost stays bounded as feedback accumulates; null scores every one. Rows that arrived with "
+        "the batch are always scored.",
+    )
+    eval_anchor_rows: int = Field(
+        10, ge=0, le=1000,
+        description="The oldest trusted eval rows, always scored besides the window: prompt gain takes its partner "
+        "notes from them, so partners (and the parent's cached scores) stay fixed while the window moves.",
+    )
 
 
 class MetricRule(BaseModel):

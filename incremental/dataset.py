@@ -1,15 +1,15 @@
 """Build a run's dataset from collected feedback: new rows + a bounded replay of older rows for
 training, the held-out rows for evaluation, and the tokenized prompt/target form of both.
 
-Knows nothing about DuckDB (it receives Arrow tables from `feedback.FeedbackStore.collect`) or
-about models beyond a tokenizer. The prompt tokens are masked from the loss with -100.
+Knows nothing about DuckDB (it receives Arrow tables from `feedback.FeedbackStore.collect` and a
+function that fetches rows by id) or about models beyond a tokenizer. The prompt tokens are masked from the loss with -100.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from incremental.config import DataSettings
 from incremental.errors import InvalidFeedbackError
+from incremental.feedback import CollectedFeedback
 from incremental.prompting import ARTIFACT_TYPES, build_prompt
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt and padding tokens)
@@ -113,35 +114,41 @@ class DatasetSnapshot:
 
 
 def plan_dataset(
-    new: pa.Table,
-    learned: pa.Table,
-    held_out: pa.Table,
-    rejected: pa.Table,
+    collected: CollectedFeedback,
     data: DataSettings,
+    *,
     seed: int,
+    fetch_rows: Callable[[Sequence[str]], pa.Table],
     golden: pa.Table | None = None,
 ) -> DatasetPlan:
     """Choose the train rows (all new rows + a replay sample of learned ones) and the eval rows.
 
-    The replay sample is a deterministic function of the seed and the new rows, so a run can be
-    reproduced from its manifest. Eval and rejected rows never enter `train`: the store's split
-    and the trainable-rating rule keep them apart; the assertion guards that contract. `held_out`
-    and `rejected` carry the store's `trusted` column; `golden` (id, artifact_type, prompt, target)
-    is a user's file of reference rows, always trusted.
+    The replay sample is a deterministic function of the seed and the new rows, drawn from the
+    learned ids; only the sampled rows' text is fetched (`fetch_rows(ids)`, in the order given), so
+    the cost is O(new + replay) whatever the history. Eval and rejected rows (the store's window,
+    with its `trusted` column) never enter `train`: the store's split and the trainable-rating rule
+    keep them apart; the assertion guards that contract. `golden` (id, artifact_type, prompt,
+    target) is a user's file of reference rows, always trusted.
     """
+    new, learned = collected.new, collected.learned
     n_replay = min(round(data.replay_ratio * new.num_rows), data.max_replay_rows, learned.num_rows)
     rng = np.random.default_rng(_seed_from(seed, new))
-    replay_rows = np.sort(rng.choice(learned.num_rows, size=n_replay, replace=False)) if n_replay else []
-    replay = learned.select(list(_COLUMNS)).take(pa.array(replay_rows, type=pa.int64()))
+    picked = np.sort(rng.choice(learned.num_rows, size=n_replay, replace=False)) if n_replay else []
+    replay_ids = learned.column("id").take(pa.array(picked, type=pa.int64())).to_pylist()
+    replay = fetch_rows(replay_ids) if replay_ids else new.slice(0, 0)
+    return assemble_plan(new, replay, collected.eval, collected.rejected, golden)
+
+
+def assemble_plan(new: pa.Table, replay: pa.Table, held_out: pa.Table, rejected: pa.Table, golden: pa.Table | None) -> DatasetPlan:
+    """The plan of the given rows in the given order: what `plan_dataset` chose, or a manifest's rows when rebuilt."""
     train = pa.concat_tables(
         [
             _with_label(new.select(list(_COLUMNS)), "role", "new"),
-            _with_label(replay, "role", "replay"),
+            _with_label(replay.select(list(_COLUMNS)), "role", "replay"),
         ]
     )
-    corrected_output = pc.if_else(pc.is_null(held_out.column("correction")), pa.scalar(None, pa.string()), held_out.column("output"))
     parts = [
-        _eval_rows(held_out, "target", held_out.column("trusted"), corrected_output),
+        _eval_rows(held_out, "target", held_out.column("trusted"), held_out.column("rejected_output")),
         _eval_rows(rejected, "rejected", rejected.column("trusted"), pa.nulls(rejected.num_rows, pa.string())),
     ]
     if golden is not None and golden.num_rows:
@@ -151,6 +158,32 @@ def plan_dataset(
     leaked = set(train.column("id").to_pylist()) & set(evaluation.column("id").to_pylist())
     assert not leaked, f"eval rows in the train split: {sorted(leaked)[:5]}"
     return DatasetPlan(train=train, eval=evaluation)
+
+
+def rebuild_plan(
+    *,
+    new_ids: Sequence[str],
+    replay_ids: Sequence[str],
+    eval_ids: Sequence[str],
+    rejected_ids: Sequence[str],
+    fetch_rows: Callable[[Sequence[str]], pa.Table],
+    trusted_before,
+    golden: pa.Table | None = None,
+) -> DatasetPlan:
+    """A version's dataset again, from the ids its manifest lists and the stored rows (which never change).
+
+    `trusted_before` is when the version's parent was accepted (None for a first version): eval rows
+    that arrived by then were trusted. With the same golden file, the plan's `content_hash`es equal
+    the manifest's `dataset_hash` and `eval_snapshot_hash`.
+    """
+
+    def fetched(ids: Sequence[str]) -> pa.Table:
+        rows = fetch_rows(list(ids))
+        trusted = pc.less_equal(rows.column("ingested_at"), pa.scalar(trusted_before, rows.schema.field("ingested_at").type)) \
+            if trusted_before is not None else pa.array([False] * rows.num_rows)
+        return rows.set_column(rows.schema.get_field_index("trusted"), "trusted", trusted)
+
+    return assemble_plan(fetched(new_ids), fetched(replay_ids), fetched(eval_ids), fetched(rejected_ids), golden)
 
 
 def _eval_rows(table: pa.Table, kind: str, trusted, rejected_output, *, slice_: str = "") -> pa.Table:
@@ -204,13 +237,16 @@ def read_golden(path: Path) -> pa.Table:
 
 
 def content_hash(table: pa.Table, columns: Sequence[str] = _COLUMNS) -> str:
-    """sha256 over the rows' ids and text, in order: names exactly what was trained or scored."""
-    digest = hashlib.sha256()
-    for column in columns:
-        for value in table.column(column).to_pylist():
-            digest.update(str(value).encode("utf-8"))
-            digest.update(b"\x1f")
-    return digest.hexdigest()
+    """sha256 over the rows' ids and text, in order: names exactly what was trained or scored.
+
+    The rows are joined into one string by Arrow kernels (fields by U+001F, rows by U+001E, a null
+    as U+0000) and hashed once, so the cost is a few passes over the bytes, not a Python loop per value.
+    """
+    separator, row_end = pa.scalar("\x1f", pa.large_string()), pa.scalar("\x1e", pa.large_string())
+    fields = [pc.cast(table.column(name), pa.large_string()) for name in columns]
+    rows = pc.binary_join_element_wise(*fields, separator, null_handling="replace", null_replacement="\x00").combine_chunks()
+    whole = pc.binary_join(pa.LargeListArray.from_arrays(pa.array([0, len(rows)], pa.int64()), rows), row_end)[0]
+    return hashlib.sha256((whole.as_py() or "").encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class DataRecord(BaseModel):
     )
     screened_ids: tuple[str, ...] = Field((), description="New rows the screening held before training (not trained).")
     n_train_examples: int
+    eval_window: dict = Field(
+        default_factory=dict,
+        description="How the eval rows were chosen: the per-type bound and anchors, and rows available vs scored.",
+    )
 
 
 class TrainingRecord(BaseModel):
@@ -155,6 +159,7 @@ def draft_manifest(
     screened_ids: tuple[str, ...] = (),
     held_ids: tuple[str, ...] = (),
     evaluation: dict | None = None,
+    eval_window: dict | None = None,
 ) -> Manifest:
     """The manifest of a finished candidate, before the registry settles status and promotion.
 
@@ -180,6 +185,7 @@ def draft_manifest(
             arrived_with_batch_ids=snapshot.arrived_with_batch_ids,
             screened_ids=screened_ids,
             n_train_examples=len(snapshot.new_ids) + len(snapshot.replay_ids),
+            eval_window=eval_window or {},
         ),
         training=training,
         scores=scores,

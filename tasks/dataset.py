@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from prefect import task
@@ -11,12 +12,12 @@ from incremental.config import RunConfig
 from incremental.dataset import DatasetSnapshot, plan_dataset, read_golden
 from incremental.feedback import CollectedFeedback
 from incremental.settings import Settings
+from tasks.feedback import open_store
 
 
 @task(name="build-dataset", cache_policy=NO_CACHE)
 def build_dataset(settings: Settings, collected: CollectedFeedback, config: RunConfig, work_dir: Path) -> DatasetSnapshot:
     golden = read_golden(settings.golden_path) if settings.golden_path else None
-    plan = plan_dataset(
-        collected.new, collected.learned, collected.eval, collected.rejected, config.data, seed=config.train.seed, golden=golden
-    )
+    fetch_rows = partial(open_store(settings).rows, collected.model)
+    plan = plan_dataset(collected, config.data, seed=config.train.seed, fetch_rows=fetch_rows, golden=golden)
     return plan.write(work_dir)

@@ -1,4 +1,4 @@
-"""Feedback-store tasks: read what the lineage has not learned, hold rows, record consumption and runs."""
+"""Feedback-store tasks: read what the lineage has not learned, hold rows, record what a version trained on."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from datetime import datetime
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from incremental.config import DataSettings
 from incremental.dataset import DatasetSnapshot
-from incremental.feedback import CollectedFeedback, FeedbackStore
+from incremental.feedback import CollectedFeedback, EvalWindow, FeedbackStore
 from incremental.settings import Settings
 
 
@@ -20,11 +21,13 @@ def open_store(settings: Settings) -> FeedbackStore:
 # A read: safe to retry when another process holds the DuckDB file longer than the store waits.
 @task(name="collect-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def collect_feedback(
-    settings: Settings, model: str, lineage: tuple[str, ...], trusted_before: datetime | None
+    settings: Settings, model: str, lineage: tuple[str, ...], trusted_before: datetime | None, data: DataSettings
 ) -> CollectedFeedback:
+    """The run's snapshot of the feedback, taken once at its start: rows written later are new next time."""
     store = open_store(settings)
     store.init()
-    return store.collect(model, lineage, trusted_before=trusted_before)
+    window = EvalWindow(per_type=data.max_eval_rows_per_type, anchors=data.eval_anchor_rows)
+    return store.collect(model, lineage, trusted_before=trusted_before, window=window)
 
 
 @task(name="hold-rows", cache_policy=NO_CACHE)
@@ -40,16 +43,4 @@ def hold_rows(settings: Settings, model: str, reasons: Mapping[str, str], *, act
 @task(name="record-consumption", cache_policy=NO_CACHE)
 def record_consumption(settings: Settings, model: str, version: str, snapshot: DatasetSnapshot) -> None:
     """Written before the version folder appears: a version never exists without its record."""
-    open_store(settings).record_consumption(
-        model,
-        version,
-        new_ids=snapshot.new_ids,
-        replay_ids=snapshot.replay_ids,
-        eval_ids=snapshot.eval_ids,
-        rejected_ids=snapshot.rejected_ids,
-    )
-
-
-@task(name="record-run", cache_policy=NO_CACHE)
-def record_run(settings: Settings, run_id: str, model: str, **fields) -> None:
-    open_store(settings).record_run(run_id, model, **fields)
+    open_store(settings).record_consumption(model, version, new_ids=snapshot.new_ids, replay_ids=snapshot.replay_ids)

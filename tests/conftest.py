@@ -101,14 +101,13 @@ def case_table(n: int, seed: int):
 
 
 def eval_table(n: int, seed: int, trusted: bool = False):
-    """Eval (or rejected-output) rows as the store returns them: with output, correction and trust flag."""
+    """Eval (or rejected-output) rows as the store's `collect` returns them: with the output a correction
+    replaced (none here) and the trust flag."""
     import pyarrow as pa
 
     table = case_table(n, seed)
-    return (
-        table.append_column("output", table.column("target"))
-        .append_column("correction", pa.nulls(n, pa.string()))
-        .append_column("trusted", pa.array([trusted] * n, type=pa.bool_()))
+    return table.append_column("rejected_output", pa.nulls(n, pa.string())).append_column(
+        "trusted", pa.array([trusted] * n, type=pa.bool_())
     )
 
 

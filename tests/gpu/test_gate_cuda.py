@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from incremental.config import GatePolicy, LoraSettings, RunConfig, ScreeningPolicy
-from incremental.dataset import plan_dataset
+from incremental.config import GatePolicy, LoraSettings, ScreeningPolicy
+from incremental.dataset import assemble_plan
 from incremental.evaluation import evaluate_pair
 from incremental.gate import Verdict, decide
 from incremental.manifest import BaseModelRef
@@ -29,7 +29,7 @@ def test_evidence_and_screening_on_cuda_4bit(small_base, tmp_path):
     adapter.save_pretrained(str(tmp_path / "adapter"))
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     held_out = pa.concat_tables([eval_table(12, 2, trusted=True), eval_table(6, 3, trusted=False)])
-    snapshot = plan_dataset(case_table(8, 1), case_table(0, 0), held_out, eval_table(0, 0), RunConfig().data, seed=0).write(
+    snapshot = assemble_plan(case_table(8, 1), case_table(0, 0), held_out, eval_table(0, 0), golden=None).write(
         tmp_path / "data"
     )
     for parent in (tmp_path / "adapter", None):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from incremental.config import GatePolicy, LoraSettings, RunConfig
-from incremental.dataset import plan_dataset
+from incremental.dataset import assemble_plan
 from incremental.evaluation import evaluate_pair, evidence_from_table
 from incremental.gate import decide
 from incremental.manifest import BaseModelRef
@@ -25,7 +25,7 @@ POLICY = GatePolicy(generation_rows=3, max_new_tokens=24)
 def snapshot_with(tmp_path, *, trusted: int, new: int):
     held_out = pa.concat_tables([eval_table(trusted, 2, True), eval_table(new, 3, False)])
     empty = eval_table(0, 0, False)
-    return plan_dataset(case_table(8, 1), case_table(0, 0), held_out, empty, RunConfig().data, seed=0).write(tmp_path)
+    return assemble_plan(case_table(8, 1), case_table(0, 0), held_out, empty, golden=None).write(tmp_path)
 
 
 @pytest.fixture

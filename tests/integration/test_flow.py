@@ -92,6 +92,16 @@ def test_loop_end_to_end(prefect_api, env, store):
         assert not set(data.eval_ids) & (set(data.new_ids) | set(data.replay_ids))
         assert not set(data.rejected_ids) & (set(data.new_ids) | set(data.replay_ids))
 
+    # Every version's snapshot rebuilds from its manifest and the stored rows, to the same hashes;
+    # the manifest says how its eval rows were chosen.
+    for version in registry.versions():
+        rebuilt = CliRunner().invoke(app, ["dataset", "rebuild", version.name, "--out", str(env.models_root.parent / version.name)])
+        assert rebuilt.exit_code == 0, rebuilt.output
+        assert rebuilt.output.count("matches") == 2
+        window = version.manifest.data.eval_window
+        assert window["per_type"] == FAST.data.max_eval_rows_per_type
+        assert window["eval_rows_scored"] == len(version.manifest.data.eval_ids)
+
 
 def test_feedback_committed_during_a_run_is_learned_by_the_next(prefect_api, env, store):
     store.add_many(synthetic_feedback(40, 11, model="tiny"))

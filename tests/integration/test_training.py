@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from incremental.config import LoraSettings, RunConfig, TrainSettings
-from incremental.dataset import encode_examples, plan_dataset, tokenize_train
+from incremental.dataset import encode_examples, assemble_plan, tokenize_train
 from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.manifest import BaseModelRef
@@ -87,7 +87,7 @@ def test_base_weights_never_change(small_base, tmp_path):
 
 
 def test_train_candidate_writes_only_the_adapter(small_base, tmp_path):
-    plan = plan_dataset(rows(16, 4), rows(0, 0), eval_table(4, 5), eval_table(0, 0), RunConfig().data, seed=0)
+    plan = assemble_plan(rows(16, 4), rows(0, 0), eval_table(4, 5), eval_table(0, 0), golden=None)
     snapshot = plan.write(tmp_path / "work")
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     steps = []

@@ -1,5 +1,4 @@
-"""Held, released, excluded and trusted rows, the schema v1 -> v2 migration and the parent-score cache,
-on real DuckDB files."""
+"""Held, released, excluded and trusted rows and the parent-score cache, on real DuckDB files."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from pathlib import Path
 import duckdb
 import pytest
 
-import incremental.feedback as feedback
 from incremental.errors import InvalidFeedbackError
 from incremental.feedback import FeedbackStore
 
@@ -36,27 +34,6 @@ def store(tmp_path: Path) -> FeedbackStore:
 
 def ids(table) -> set[str]:
     return set(table.column("id").to_pylist())
-
-
-def test_a_schema_v1_file_opens_after_migration_with_its_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "old.duckdb"
-    with monkeypatch.context() as old_release:
-        old_release.setattr(feedback, "_MIGRATIONS", feedback._MIGRATIONS[:1])
-        old_release.setattr(feedback, "SCHEMA_VERSION", 1)
-        old = FeedbackStore(path)
-        old.init()
-        old.add_many([row(i) for i in ids_in("train", 3, "old")])
-        old.record_consumption("tiny", V1, new_ids=ids_in("train", 1, "old"), replay_ids=[], eval_ids=[])
-    with duckdb.connect(str(path), read_only=True) as con:
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("1",)]
-    store = FeedbackStore(path)
-    with pytest.raises(feedback.FeedbackSchemaError, match="v1, this code needs v2"):
-        store.collect("tiny", [])
-    store.init()
-    collected = store.collect("tiny", [V1])
-    assert ids(collected.learned) == set(ids_in("train", 1, "old"))
-    assert len(ids(collected.new)) == 2 and collected.held.num_rows == 0
-    assert store.marks("tiny") == ()
 
 
 def test_hold_release_exclude_include(store: FeedbackStore) -> None:

@@ -1,0 +1,49 @@
+"""The feedback store: rated outputs, what each version trained on, holds and cached scores, in DuckDB.
+
+Answers "which rows has the current lineage not learned yet?" from the ledger (no timestamp
+watermarks). Opens the file briefly for each call and never holds it, so the app can keep writing
+while a run trains. Knows nothing about versions beyond their names: the caller passes the lineage
+(read from the version tree, DESIGN invariant 8), and nothing about tokenizers or training.
+
+One module per job: `database` (the file, connections, migrations), `ingest` (validated rows and
+file imports/exports), `lineage` (new / learned / eval for a lineage), `ledger` (what each version
+trained on), `marks` (holds and exclusions), `scores` (the parent-score cache).
+"""
+
+from incremental.feedback.database import (
+    SCHEMA_VERSION,
+    FeedbackSchemaError,
+    FeedbackStoreLockedError,
+    split_for,
+)
+from incremental.feedback.ingest import EXPORT_FORMATS, IMPORT_FORMATS, FeedbackIngest, FeedbackInput, ImportReport
+from incremental.feedback.ledger import ConsumptionLedger
+from incremental.feedback.lineage import CollectedFeedback, EvalWindow, FeedbackCounts, LineageQueries
+from incremental.feedback.marks import MARK_ACTIONS, RowMark, RowMarks
+from incremental.feedback.scores import ScoreCache
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "IMPORT_FORMATS",
+    "MARK_ACTIONS",
+    "SCHEMA_VERSION",
+    "CollectedFeedback",
+    "EvalWindow",
+    "FeedbackCounts",
+    "FeedbackInput",
+    "FeedbackSchemaError",
+    "FeedbackStore",
+    "FeedbackStoreLockedError",
+    "ImportReport",
+    "RowMark",
+    "split_for",
+]
+
+
+class FeedbackStore(FeedbackIngest, LineageQueries, ConsumptionLedger, RowMarks, ScoreCache):
+    """Feedback rows, the ledger, marks and the score cache in one DuckDB file (see `database.FeedbackDatabase`).
+
+    Every method opens the file, does its work and closes it. When another process holds the
+    file (DuckDB allows one read-write process or many read-only ones), the open is retried with
+    exponential backoff for up to `lock_timeout_s`, then `FeedbackStoreLockedError` names the holder.
+    """
