@@ -72,3 +72,34 @@ def test_rollback_of_unknown_version_names_it(env):
     result = runner.invoke(app, ["rollback", "v9_20250101_000000"])
     assert result.exit_code != 0
     assert "v9_20250101_000000" in str(result.exception)
+
+
+def test_csv_import_skip_invalid_then_export_and_reimport_changes_nothing(env, tmp_path):
+    import csv
+
+    rows = synthetic_feedback(6, 8, model="tiny")
+    rows[2]["artifact_type"] = "diagram"
+    path = tmp_path / "ratings [export].csv"  # brackets must not be read as Rich markup
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["model", "artifact_type", "prompt", "output", "rating", "correction"])
+        writer.writeheader()
+        writer.writerows({name: row.get(name) for name in writer.fieldnames} for row in rows)
+
+    refused = runner.invoke(app, ["feedback", "import", str(path)])
+    assert refused.exit_code != 0 and "artifact_type" in str(refused.exception)
+
+    skipped = runner.invoke(app, ["feedback", "import", str(path), "--skip-invalid"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "Imported 5 rows" in skipped.output and "1 invalid rows were not stored" in skipped.output
+    rejects = [json.loads(line) for line in (tmp_path / "ratings [export].rejected.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and "artifact_type" in json.dumps(rejects[0]["problems"])
+
+    again = runner.invoke(app, ["feedback", "import", str(path), "--skip-invalid"])
+    assert "Imported 0 rows" in again.output and "5 were already stored" in again.output
+
+    exported = runner.invoke(app, ["feedback", "export", str(tmp_path / "all.parquet")])
+    assert exported.exit_code == 0 and "Exported 5 rows" in exported.output
+    twice = runner.invoke(app, ["feedback", "export", str(tmp_path / "all.parquet")])
+    assert twice.exit_code != 0 and "--overwrite" in str(twice.exception)
+    reimported = runner.invoke(app, ["feedback", "import", str(tmp_path / "all.parquet")])
+    assert "Imported 0 rows" in reimported.output and "5 were already stored" in reimported.output
