@@ -11,7 +11,8 @@ pool comes back as ids; `rows()` fetches the text of the sampled ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from incremental.errors import IncrementalError
 from incremental.feedback.database import FeedbackDatabase, check_lineage, check_model, utcnow
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ ROW_COLUMNS = (
 # 'needs_improvement' with a correction (target = correction). An excluded row is out for good
 # (until included again), a held one until a person releases it: neither is trained or trusted.
 # `trusted` marks rows that arrived before the parent was accepted ($trusted_before; NULL in base
-# mode: nothing is trusted). Only narrow columns here: no text is read to classify.
-_CLASSIFIED_SQL = """
+# mode: nothing is trusted). Only narrow columns here: no text is read to classify. Materialized
+# once per read as a temporary table, which the queries below share.
+_CLASSIFY_SQL = """
+CREATE OR REPLACE TEMP TABLE classified AS
 WITH marks AS (
     SELECT feedback_id AS id,
            arg_max(action, seq) FILTER (WHERE action IN ('hold', 'release')) AS hold_state,
@@ -62,6 +66,7 @@ classified AS (
     LEFT JOIN marks AS m ON m.id = f.id
     WHERE f.model = $model
 )
+SELECT * FROM classified
 """
 
 # Which eval and rejected-output rows a run scores. Rows that arrived with the batch (untrusted)
@@ -69,7 +74,7 @@ classified AS (
 # oldest trusted eval rows: they give prompt gain its fixed partner notes, so partners (and the
 # parent's cached scores) stay put while the window moves. $per_type NULL: every row.
 _SELECTED_SQL = """
-, ranked AS (
+WITH ranked AS (
     SELECT *,
            row_number() OVER (PARTITION BY bucket, trusted, artifact_type ORDER BY created_at DESC, id DESC) AS recent_rank,
            row_number() OVER (PARTITION BY bucket, trusted ORDER BY created_at, id) AS oldest_rank
@@ -175,23 +180,15 @@ class LineageQueries(FeedbackDatabase):
         """
         lineage = check_lineage(model, lineage)
         params = self._classify_params(model, lineage, trusted_before)
-        self.sync_learned(model, lineage)
-        with self._read() as con:
-            rows = con.sql(
-                _CLASSIFIED_SQL + _SELECTED_SQL, params={**params, "per_type": window.per_type, "anchors": window.anchors}
-            ).to_arrow_table()
-            learned = con.sql(
-                _CLASSIFIED_SQL + "SELECT id, created_at FROM classified WHERE bucket = 'learned' ORDER BY created_at, id",
-                params=params,
-            ).to_arrow_table()
+        with self._classified(model, lineage, params) as con:
+            rows = con.sql(_SELECTED_SQL, params={"per_type": window.per_type, "anchors": window.anchors}).to_arrow_table()
+            learned = con.sql("SELECT id, created_at FROM classified WHERE bucket = 'learned' ORDER BY created_at, id").to_arrow_table()
             held = con.sql(
-                _CLASSIFIED_SQL
-                + """SELECT c.id, c.artifact_type, f.rating, f.split, f.source, c.hold_reason
-                     FROM classified AS c JOIN feedback AS f ON f.id = c.id
-                     WHERE c.bucket = 'held' ORDER BY c.created_at, c.id""",
-                params=params,
+                """SELECT c.id, c.artifact_type, f.rating, f.split, f.source, c.hold_reason
+                   FROM classified AS c JOIN feedback AS f ON f.id = c.id
+                   WHERE c.bucket = 'held' ORDER BY c.created_at, c.id"""
             ).to_arrow_table()
-            counts = self._counts(con, params)
+            counts = self._counts(con)
 
         buckets = rows.column("bucket")
 
@@ -209,9 +206,8 @@ class LineageQueries(FeedbackDatabase):
     def counts(self, model: str, lineage: Sequence[str], *, trusted_before: datetime | None = None) -> FeedbackCounts:
         """How many of the model's rows are in each bucket of `collect`, without fetching them."""
         lineage = check_lineage(model, lineage)
-        self.sync_learned(model, lineage)
-        with self._read() as con:
-            return self._counts(con, self._classify_params(model, lineage, trusted_before))
+        with self._classified(model, lineage, self._classify_params(model, lineage, trusted_before)) as con:
+            return self._counts(con)
 
     def rows(self, model: str, ids: Sequence[str]) -> pa.Table:
         """The rows `ids` (columns of `ROW_COLUMNS`, `trusted` false) in the order given; unknown ids are an error."""
@@ -284,11 +280,25 @@ class LineageQueries(FeedbackDatabase):
         rows = con.execute("SELECT lineage FROM learned_lineage WHERE model = ?", [model]).fetchall()
         return tuple(rows[0][0]) if rows else None
 
+    @contextmanager
+    def _classified(self, model: str, lineage: tuple[str, ...], params: dict[str, Any]) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read connection holding the temporary table `classified`, made once the learned record follows `lineage`."""
+        for _ in range(3):
+            with self._read() as con:
+                if self._recorded_lineage(con, model) == lineage:
+                    con.execute(_CLASSIFY_SQL, params)
+                    yield con
+                    return
+            self.sync_learned(model, lineage)
+        raise IncrementalError(
+            f"the learned record of {model!r} kept changing to another lineage while this read waited: two processes "
+            "collect for different current versions at once (a rollback during a run?); retry when one has finished"
+        )
+
     @staticmethod
-    def _counts(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> FeedbackCounts:
+    def _counts(con: duckdb.DuckDBPyConnection) -> FeedbackCounts:
         row = con.sql(
-            _CLASSIFIED_SQL
-            + """
+            """
             SELECT count(*),
                    count(*) FILTER (WHERE bucket = 'new'),
                    count(*) FILTER (WHERE bucket = 'learned'),
@@ -298,8 +308,7 @@ class LineageQueries(FeedbackDatabase):
                    count(*) FILTER (WHERE bucket = 'excluded'),
                    count(*) FILTER (WHERE bucket = 'eval' AND trusted)
             FROM classified
-            """,
-            params=params,
+            """
         ).fetchall()[0]
         return FeedbackCounts(*(int(value) for value in row))
 
