@@ -152,8 +152,14 @@ def rollback(
 ) -> None:
     """Make an accepted version current again; the next training builds on it."""
     settings, model = _context(model)
-    result = Registry(settings.models_root, model).rollback(None if version == "base" else version, force=force, reason=reason)
+    registry = Registry(settings.models_root, model)
+    result = registry.rollback(None if version == "base" else version, force=force, reason=reason)
     console.print(result.message)
+    # The learned record follows the new lineage now, not at the next run: rows only abandoned
+    # versions learned are new again in `status` and `dataset preview` at once.
+    current = registry.current()
+    if settings.db_path.is_file():
+        _store(settings).sync_learned(model, registry.lineage(current) if current else [])
 
 
 @feedback_app.command("add")

@@ -24,7 +24,7 @@ from incremental.reporting import RunSummary
 from incremental.settings import Settings
 from tasks.dataset import build_dataset
 from tasks.evaluation import evaluate_candidate
-from tasks.feedback import collect_feedback, hold_rows, record_consumption
+from tasks.feedback import advance_learned_record, collect_feedback, hold_rows, record_consumption
 from tasks.gate import gate_candidate
 from tasks.logs import library_logs_to_run_logger
 from tasks.registry import finalize_version, release_version, reserve_version, resolve_parent
@@ -141,6 +141,7 @@ def retrain(model: str | None = None, config: RunConfig = RunConfig()) -> RunSum
             wall_seconds=round(time.perf_counter() - started, 1),
         )
         if result.promoted:
+            advance_learned_record(settings, model, (result.name, *parent.lineage))
             logger.info("[INCREMENTAL] ✅ %s accepted: now current. Next training will build on: %s", result.name, result.name)
         else:
             logger.warning("[INCREMENTAL] ❌ %s rejected: %s. Current stays %s", result.name, reasons[0], parent.name or "base model")

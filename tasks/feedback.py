@@ -44,3 +44,10 @@ def hold_rows(settings: Settings, model: str, reasons: Mapping[str, str], *, act
 def record_consumption(settings: Settings, model: str, version: str, snapshot: DatasetSnapshot) -> None:
     """Written before the version folder appears: a version never exists without its record."""
     open_store(settings).record_consumption(model, version, new_ids=snapshot.new_ids, replay_ids=snapshot.replay_ids)
+
+
+@task(name="advance-learned-record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def advance_learned_record(settings: Settings, model: str, lineage: tuple[str, ...]) -> str:
+    """After a promotion: add the new version's trained rows to the learned record (O(new)). Idempotent;
+    if it never runs, the next collect brings the record up to date itself."""
+    return open_store(settings).sync_learned(model, lineage)
