@@ -119,3 +119,29 @@ def ids_in(split: str, count: int, prefix: str = "row") -> list[str]:
     found = [candidate for candidate in candidates if split_for(candidate, 0.2) == split][:count]
     assert len(found) == count, f"split_for never gives {split!r}"
     return found
+
+
+MISSING = object()  # a field left out of a feedback row
+
+
+def feedback_row(**overrides: object) -> dict[str, object]:
+    """One valid feedback row for model 'tiny'; override fields, or pass MISSING to leave one out."""
+    fields: dict[str, object] = {
+        "model": "tiny",
+        "artifact_type": "erd",
+        "prompt": "Customers place orders; an order has many items.",
+        "output": "erDiagram CUSTOMER ||--o{ ORDER : places",
+        "rating": "good",
+    }
+    fields.update(overrides)
+    return {key: value for key, value in fields.items() if value is not MISSING}
+
+
+@pytest.fixture
+def fresh_store(tmp_path):
+    """An initialized feedback store in its own DuckDB file."""
+    from incremental.feedback import FeedbackStore
+
+    created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
+    created.init()
+    return created

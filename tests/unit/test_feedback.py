@@ -27,32 +27,20 @@ from incremental.feedback import (
     FeedbackStoreLockedError,
 )
 
-from conftest import ids_in
+from conftest import feedback_row, ids_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 V1 = "v1_20250101_000000"
 V2 = "v2_20250102_000000"
 V3 = "v3_20250103_000000"
-MISSING = object()
 
 
-def row(**overrides: object) -> dict[str, object]:
-    fields: dict[str, object] = {
-        "model": "tiny",
-        "artifact_type": "erd",
-        "prompt": "Customers place orders; an order has many items.",
-        "output": "erDiagram CUSTOMER ||--o{ ORDER : places",
-        "rating": "good",
-    }
-    fields.update(overrides)
-    return {key: value for key, value in fields.items() if value is not MISSING}
+row = feedback_row
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FeedbackStore:
-    created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
-    created.init()
-    return created
+def store(fresh_store: FeedbackStore) -> FeedbackStore:
+    return fresh_store
 
 
 def ids(table: pa.Table) -> list[str]:

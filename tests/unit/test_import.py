@@ -18,29 +18,17 @@ import pytest
 from incremental.errors import InvalidFeedbackError
 from incremental.feedback import FeedbackInput, FeedbackStore, split_for
 
-from conftest import ids_in
+from conftest import MISSING, feedback_row, ids_in
 
-MISSING = object()
 FORMATS = ("jsonl", "csv", "parquet")
 
 
-def row(**overrides: object) -> dict[str, object]:
-    fields: dict[str, object] = {
-        "model": "tiny",
-        "artifact_type": "erd",
-        "prompt": "Customers place orders; an order has many items.",
-        "output": "erDiagram CUSTOMER ||--o{ ORDER : places",
-        "rating": "good",
-    }
-    fields.update(overrides)
-    return {key: value for key, value in fields.items() if value is not MISSING}
+row = feedback_row
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FeedbackStore:
-    created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
-    created.init()
-    return created
+def store(fresh_store: FeedbackStore) -> FeedbackStore:
+    return fresh_store
 
 
 def ids(table: pa.Table) -> list[str]:
