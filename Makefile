@@ -29,7 +29,9 @@ test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/run_benchmarks.py
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/history_scaling.py
+	$(BIN)/python benchmarks/gate_quality.py
 
 clean:
 	rm -rf $(VENV) demo-run

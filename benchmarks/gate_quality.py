@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_block  # noqa: E402
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -44,7 +46,6 @@ from incremental.synthetic import POISON_KINDS, poisoned_feedback, synthetic_fee
 
 MODEL = "tiny"
 KINDS = ("clean", *POISON_KINDS)
-MARKER_START, MARKER_END = "<!-- gate_quality:start -->", "<!-- gate_quality:end -->"
 
 
 def use_state(folder: Path) -> None:
@@ -214,18 +215,6 @@ def summarize(trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_benchmarks(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARKER_START}\n{text}\n{MARKER_END}"
-    if MARKER_START in current:
-        head, rest = current.split(MARKER_START, 1)
-        current = head + block + rest.split(MARKER_END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
@@ -285,7 +274,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_write:
-        write_benchmarks(text)
+        write_block("gate_quality", text)
 
 
 if __name__ == "__main__":
