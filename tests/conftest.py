@@ -138,8 +138,8 @@ def feedback_row(**overrides: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def fresh_store(tmp_path):
-    """An initialized feedback store in its own DuckDB file."""
+def store(tmp_path):
+    """An initialized feedback store in its own DuckDB file (integration tests override it with the env's)."""
     from incremental.feedback import FeedbackStore
 
     created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)

@@ -38,11 +38,6 @@ V3 = "v3_20250103_000000"
 row = feedback_row
 
 
-@pytest.fixture
-def store(fresh_store: FeedbackStore) -> FeedbackStore:
-    return fresh_store
-
-
 def ids(table: pa.Table) -> list[str]:
     return table["id"].to_pylist()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -23,13 +22,6 @@ def row(row_id: str, **overrides) -> dict:
         "id": row_id, "model": "tiny", "artifact_type": "erd", "prompt": f"notes of {row_id}",
         "output": f"erDiagram\n  A{row_id.replace('-', '')} {{\n    string name\n  }}", "rating": "good", **overrides,
     }  # fmt: skip
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> FeedbackStore:
-    created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
-    created.init()
-    return created
 
 
 def ids(table) -> set[str]:

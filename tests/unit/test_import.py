@@ -26,11 +26,6 @@ FORMATS = ("jsonl", "csv", "parquet")
 row = feedback_row
 
 
-@pytest.fixture
-def store(fresh_store: FeedbackStore) -> FeedbackStore:
-    return fresh_store
-
-
 def ids(table: pa.Table) -> list[str]:
     return table["id"].to_pylist()
 

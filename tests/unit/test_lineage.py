@@ -27,13 +27,6 @@ def row(row_id: str, *, minute: int = 0, artifact_type: str = "erd", **overrides
     }  # fmt: skip
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FeedbackStore:
-    created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
-    created.init()
-    return created
-
-
 def ids(table) -> list[str]:
     return table.column("id").to_pylist()
 
