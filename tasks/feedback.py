@@ -18,8 +18,9 @@ def open_store(settings: Settings) -> FeedbackStore:
     return FeedbackStore(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
 
 
-# A read: safe to retry when another process holds the DuckDB file longer than the store waits.
-@task(name="collect-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+# No task retries: the store already retries a locked file for INCREMENTAL_DB_LOCK_TIMEOUT_S, and a
+# run that cannot read its snapshot should fail at once, before anything trains, naming the file.
+@task(name="collect-feedback", cache_policy=NO_CACHE)
 def collect_feedback(
     settings: Settings, model: str, lineage: tuple[str, ...], trusted_before: datetime | None, data: DataSettings
 ) -> CollectedFeedback:
@@ -46,7 +47,7 @@ def record_consumption(settings: Settings, model: str, version: str, snapshot: D
     open_store(settings).record_consumption(model, version, new_ids=snapshot.new_ids, replay_ids=snapshot.replay_ids)
 
 
-@task(name="advance-learned-record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+@task(name="advance-learned-record", cache_policy=NO_CACHE)
 def advance_learned_record(settings: Settings, model: str, lineage: tuple[str, ...]) -> str:
     """After a promotion: add the new version's trained rows to the learned record (O(new)). Idempotent;
     if it never runs, the next collect brings the record up to date itself."""

@@ -8,7 +8,11 @@ models that train, the Prefect harness, the CLI), tests/gpu (skipped without CUD
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -145,3 +149,29 @@ def store(tmp_path):
     created = FeedbackStore(tmp_path / "feedback.duckdb", lock_timeout_s=5.0)
     created.init()
     return created
+
+
+# A process that opens the DuckDB file read-write (taking its lock) and keeps it for argv[2] seconds.
+_LOCK_HOLDER = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+@contextmanager
+def held_by_another_process(path: Path, seconds: float) -> Iterator[subprocess.Popen]:
+    """Another process holds the DuckDB file's lock while the block runs (or for `seconds`)."""
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()

@@ -7,8 +7,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from incremental.feedback import (
     FeedbackStoreLockedError,
 )
 
-from conftest import feedback_row, ids_in
+from conftest import feedback_row, held_by_another_process, ids_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 V1 = "v1_20250101_000000"
@@ -236,30 +234,6 @@ def test_record_consumption_is_idempotent_and_immutable(store: FeedbackStore) ->
 
 
 # -- locking and imports ----------------------------------------------------------------------
-
-HOLDER = """
-import sys, time, duckdb
-con = duckdb.connect(sys.argv[1])
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-con.close()
-"""
-
-
-@contextmanager
-def held_by_another_process(path: Path, seconds: float) -> Iterator[subprocess.Popen]:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "locked"
-        yield holder
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-        holder.wait()
-        assert holder.stdout is not None
-        holder.stdout.close()
-
 
 def test_waits_for_a_process_that_holds_the_lock(store: FeedbackStore) -> None:
     with held_by_another_process(store.path, 1.0) as holder:
