@@ -262,11 +262,13 @@ def encode_examples(tokenizer, tasks, notes, targets, max_length: int) -> list[E
     Tokenizing the whole text once (rather than prompt and target apart) keeps the tokens the
     same as at generation time; offsets tell which tokens belong to the target. Over-long
     examples lose the end of the target first, then the start of the notes. One batched call
-    to the (Rust) fast tokenizer for all rows.
+    to the (Rust) fast tokenizer for all rows. Feedback text is text: "<s>", "</s>" or "<pad>" in
+    it (an HTML strikethrough) become ordinary tokens, never the special ids; the only bos and eos
+    are the ones added here.
     """
     prompts = [build_prompt(task, note) for task, note in zip(tasks, notes)]
     texts = [prompt + target for prompt, target in zip(prompts, targets)]
-    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     budget = max_length - len(bos) - len(eos)

@@ -1,8 +1,11 @@
 """The manifest of a version: everything needed to explain and reproduce its gate decision on paper.
 
 Written last into a version folder (its presence marks the folder complete), as sorted JSON with a
-schema version. Loading is tolerant of fields added by later releases (`extra="allow"`), so old
-folders stay readable and new ones can carry more.
+schema version. It records the sha256 of every other file in the folder, so a changed byte in the
+adapter, its config or the scores is caught before the version is used. Loading is tolerant: fields
+added by later releases are kept (`extra="allow"`), and older schemas are read as they were meant.
+It records what `finalize` decided about the pointer, never whether the pointer moved: that is what
+`current.json` and `history.jsonl` say (the manifest is written before the pointer moves).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MANIFEST_SCHEMA_VERSION = 2
+# 3: `files` (sha256 of every file), `promotion.decision` in place of `promotion.promoted`.
+MANIFEST_SCHEMA_VERSION = 3
 
 _RECORD = ConfigDict(frozen=True, extra="allow")
 
@@ -83,12 +87,29 @@ class GateRecord(BaseModel):
 
 
 class PromotionRecord(BaseModel):
-    """What happened to the pointer when the version was finalized."""
+    """What `finalize` decided about the pointer, under the registry lock, just before acting on it.
+
+    A decision, not an outcome: a crash between writing the manifest and moving the pointer leaves a
+    version that was to be promoted and never was. `Registry.versions()` tells which
+    (`VersionInfo.promotion_state`) from the pointer and the history.
+    """
 
     model_config = _RECORD
 
-    promoted: bool
+    decision: Literal["promote", "keep"] = Field(
+        description="promote: the gate accepted and the parent was still current; keep: the pointer stays where it was."
+    )
     reason: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_schema_2(cls, data: object) -> object:
+        # Schema 2 wrote the same decision as `promoted: bool`, a name that claimed the outcome.
+        if isinstance(data, dict) and "decision" not in data and isinstance(data.get("promoted"), bool):
+            promoted = data["promoted"]
+            data = {key: value for key, value in data.items() if key != "promoted"}
+            data["decision"] = "promote" if promoted else "keep"
+        return data
 
 
 class Manifest(BaseModel):
@@ -114,7 +135,12 @@ class Manifest(BaseModel):
     )
     gate: GateRecord
     promotion: PromotionRecord | None = None
-    adapter_sha256: str | None = None
+    adapter_sha256: str | None = Field(None, description="sha256 of the adapter weights (also in `files`).")
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="sha256 of every file in the version folder but the manifest, recorded by finalize; checked "
+        "before the version is loaded, trained from or rolled back to. Empty in manifests of schema 2 and older.",
+    )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

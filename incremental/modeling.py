@@ -2,8 +2,10 @@
 training (incremental mode), or several named ones to score side by side.
 
 On CUDA the base loads in 4-bit NF4 through bitsandbytes (QLoRA) by default; on CPU in float32,
-since bfloat16 matrix products are hundreds of times slower on common CPUs. Knows nothing about
-versions or the registry: callers pass adapter folders.
+since bfloat16 matrix products are hundreds of times slower on common CPUs. A local base folder
+whose file hashes were recorded (the embedded base) is checked before it is loaded, and an adapter
+whose tensors do not fit the base is refused. Knows nothing about versions or the registry: callers
+pass adapter folders (checked by the registry).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from incremental import layout
 from incremental.config import LoraSettings
+from incremental.embedded import check_base_files
 from incremental.errors import ConfigurationError
 from incremental.manifest import BaseModelRef
 from incremental.settings import EMBEDDED_BASE, Settings
@@ -94,7 +99,14 @@ def check_same_base(parent_base: BaseModelRef, current: BaseModelRef, parent_nam
         )
 
 
+def _check_local_base(source: str) -> None:
+    """A local base folder with recorded file hashes must still match them (see `check_base_files`)."""
+    if Path(source).is_dir():
+        check_base_files(Path(source))
+
+
 def load_tokenizer(source: str, revision: str | None = None):
+    _check_local_base(source)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     if tokenizer.pad_token_id is None:
         # Llama-family tokenizers ship without a pad token; padded positions are masked anyway.
@@ -104,6 +116,7 @@ def load_tokenizer(source: str, revision: str | None = None):
 
 def load_base(source: str, revision: str | None, hardware: Hardware):
     """The base model, frozen, on the chosen device."""
+    _check_local_base(source)
     kwargs: dict = {"revision": revision}
     if hardware.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -144,7 +157,7 @@ def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettin
         )
         model = get_peft_model(base, config)
     else:
-        model = PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+        model = load_adapter(base, parent_adapter, is_trainable=True)
     if count_trainable(model) == 0:
         raise RuntimeError("the adapter has no trainable parameters; it was loaded frozen")
     return model
@@ -163,8 +176,47 @@ def load_scoring_model(base: ResolvedBase, hardware: Hardware, adapters: dict[st
     model = load_base(base.source, base.load_revision, hardware)
     if not adapters:
         return model, tokenizer
-    (first, first_path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first)
-    for name, path in rest:
-        model.load_adapter(str(path), adapter_name=name)
+    for name, path in adapters.items():
+        model = load_adapter(model, path, adapter_name=name)
     return model, tokenizer
+
+
+def load_adapter(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
+    """`model` with the adapter in `adapter_dir` loaded as `adapter_name` (a PeftModel gains one more).
+
+    Every tensor of the adapter must fit the base and every LoRA module its config creates must
+    get a tensor: peft raises on a shape mismatch, but drops tensors its config does not target,
+    and leaves modules without tensors at their initial values, with a warning at most.
+    ConfigurationError naming the adapter folder (the version) otherwise.
+    """
+    adapter_dir = Path(adapter_dir)
+    base_name = model.config.name_or_path or "the base model"
+    fix = "it was trained on another base, or its adapter_config.json was changed; use the base it was trained on"
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for <key>: copying a param with shape ..."
+        if "size mismatch" not in str(exc):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ConfigurationError(
+            f"the adapter of {adapter_dir.name} ({adapter_dir}) does not fit {base_name}: {detail}; {fix}"
+        ) from exc
+    expected = {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    with safe_open(str(adapter_dir / layout.ADAPTER_WEIGHTS), framework="pt") as weights:
+        stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    mismatches = [f"{key} is not in the adapter file" for key in sorted(set(expected) - set(stored))]
+    mismatches += [f"{key} fits no module the adapter config creates" for key in sorted(set(stored) - set(expected))]
+    mismatches += [
+        f"{key} has shape {list(stored[key])}, the base needs {list(expected[key])}"
+        for key in sorted(set(stored) & set(expected))
+        if stored[key] != expected[key]
+    ]
+    if mismatches:
+        raise ConfigurationError(
+            f"the adapter of {adapter_dir.name} ({adapter_dir}) does not fit {base_name}: {len(mismatches)} tensors differ, "
+            f"e.g. {mismatches[0]}; {fix}"
+        )
+    return model

@@ -71,13 +71,23 @@ class VersionRow:
     prompt_gain: float | None
     gain_delta: float | None
     created: str
+    problem: str | None = None  # why the version must not be used: damaged files, unreadable manifest
+    promotion: str | None = None  # promoted | interrupted | kept (Registry's VersionInfo.promotion_state)
 
 
 def version_table(registry: Registry) -> list[VersionRow]:
-    """One row per finished version: its scores and their change against its parent."""
+    """One row per finished version: its scores and their change against its parent, and its problems."""
     rows = []
     for version in registry.versions():
         manifest = version.manifest
+        if manifest is None:  # unreadable manifest: listed with its problem, nothing else is known
+            rows.append(
+                VersionRow(
+                    name=version.name, parent="?", status="damaged", current=version.is_current, target_nll=None,
+                    nll_delta=None, prompt_gain=None, gain_delta=None, created="?", problem=version.problem,
+                )
+            )  # fmt: skip
+            continue
         candidate, parent = manifest.scores.get("candidate", {}), manifest.scores.get("parent", {})
         rows.append(
             VersionRow(
@@ -90,6 +100,8 @@ def version_table(registry: Registry) -> list[VersionRow]:
                 prompt_gain=candidate.get("prompt_gain"),
                 gain_delta=_delta(candidate.get("prompt_gain"), parent.get("prompt_gain")),
                 created=manifest.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                problem=version.problem,
+                promotion=version.promotion_state,
             )
         )
     return rows
@@ -152,7 +164,8 @@ def verdict_table_markdown(checks) -> str:
 
 def explain_version(registry: Registry, name: str) -> str:
     """Why a version was accepted or rejected, in Markdown: data, verdict table, reasons, promotion."""
-    manifest = registry.get(name).manifest
+    info = registry.get(name)
+    manifest = info.manifest
     gate, data = manifest.gate, manifest.data
     lines = [
         f"# {manifest.name} ({manifest.status})",
@@ -170,7 +183,15 @@ def explain_version(registry: Registry, name: str) -> str:
         lines += [verdict_table_markdown(gate.checks), ""]
     lines += ["Reasons:"] + [f"- {reason}" for reason in gate.reasons]
     if manifest.promotion is not None:
-        lines += ["", f"Promotion: {'promoted' if manifest.promotion.promoted else 'not promoted'}: {manifest.promotion.reason}"]
+        outcome = {
+            "promoted": "promoted",
+            "kept": "not promoted",
+            "interrupted": "not promoted (interrupted: the run stopped before the pointer moved)",
+        }[info.promotion_state]
+        lines += ["", f"Promotion: {outcome}: {manifest.promotion.reason}"]
+    problems = registry.verify(name)
+    if problems:
+        lines += ["", f"**Damaged**, refused for loading, training and rollback: {'; '.join(problems)}"]
     if gate.evaluation:
         lines += ["", "Evaluation: " + ", ".join(f"{k} {v}" for k, v in sorted(gate.evaluation.items()))]
     return "\n".join(lines) + "\n"

@@ -129,7 +129,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[tuple[str, str]], *, max
     try:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+                # Notes are text: a "<s>" in them is characters, not the control token (the BOS is still added).
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, split_special_tokens=True)
                 generated = model.generate(
                     input_ids=batch.input_ids.to(device),
                     attention_mask=batch.attention_mask.to(device),

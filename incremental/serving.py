@@ -1,6 +1,8 @@
 """Load the model to serve: the base plus the current accepted adapter, resolved from the
 `finetuned_models/` tree alone (no database), so an inference process can load while a run holds
-DuckDB. Reports Base Mode or Incremental Mode in the log vocabulary users grep for.
+DuckDB. The version's files and the base's are checked against their recorded hashes first: a
+damaged one is refused, never served. Reports Base Mode or Incremental Mode in the log vocabulary
+users grep for.
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peft import PeftModel
 
 from incremental.manifest import BaseModelRef
-from incremental.modeling import Hardware, load_base, load_tokenizer, locate_base, resolve_base
+from incremental.modeling import Hardware, load_adapter, load_base, load_tokenizer, locate_base, resolve_base
 from incremental.prompting import build_prompt
 from incremental.registry import Registry
 from incremental.settings import Settings
@@ -45,10 +46,9 @@ def load_model(model: str | None = None, settings: Settings | None = None) -> Lo
         mode: Literal["base", "incremental"] = "base"
     else:
         log.info("[INCREMENTAL] Loading previous fine-tuned model: %s", current)
+        adapter_dir = registry.adapter_dir(current)  # refuses a damaged version before the base is loaded
         base = locate_base(registry.get(current).manifest.base_model, settings)
-        network = PeftModel.from_pretrained(
-            load_base(base.source, base.load_revision, hardware), str(registry.adapter_dir(current))
-        )
+        network = load_adapter(load_base(base.source, base.load_revision, hardware), adapter_dir)
         log.info("[INCREMENTAL] ✅ Successfully loaded fine-tuned model!")
         log.info("[INCREMENTAL] 🔄 Incremental Mode: loaded %s. Next training will build on: %s", current, current)
         mode = "incremental"
@@ -61,7 +61,8 @@ def load_model(model: str | None = None, settings: Settings | None = None) -> Lo
 def generate_artifact(loaded: LoadedModel, artifact_type: str, notes: str, *, max_new_tokens: int = 256) -> str:
     """Greedy decoding of one artifact from meeting notes (deterministic, so outputs can be compared)."""
     tokenizer = loaded.tokenizer
-    prompt_ids = tokenizer(build_prompt(artifact_type, notes), add_special_tokens=False)["input_ids"]
+    # Notes may contain "<s>" or "</s>" (HTML strikethrough): text, never the special tokens.
+    prompt_ids = tokenizer(build_prompt(artifact_type, notes), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
     device = next(loaded.model.parameters()).device

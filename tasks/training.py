@@ -12,6 +12,7 @@ from incremental.config import RunConfig
 from incremental.dataset import DatasetSnapshot
 from incremental.manifest import TrainingRecord
 from incremental.modeling import Hardware, ResolvedBase, check_same_base, resolve_base
+from incremental.registry import Registry
 from incremental.settings import Settings
 from incremental.training import train_candidate as train_candidate_stage
 from tasks.registry import Parent
@@ -35,6 +36,10 @@ def train_candidate(
     config: RunConfig,
     output_dir: Path,
 ) -> TrainingRecord:
+    if parent.adapter_dir is not None:
+        # Checked again here, minutes after the parent was resolved: a version damaged meanwhile
+        # (a file changed by hand, a disk error) is refused by name before anything trains on it.
+        Registry(parent.adapter_dir.parent.parent, parent.adapter_dir.parent.name).adapter_dir(parent.adapter_dir.name)
     progress_id = create_progress_artifact(0.0, description="Training progress (optimizer steps)")
     last_percent = [-1]
 

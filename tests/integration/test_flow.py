@@ -69,7 +69,7 @@ def test_loop_end_to_end(prefect_api, env, store):
     assert rejected.status == "rejected" and "fewer than 10000 trusted eval rows" in rejected.reasons[0]
     assert registry.current() == current_before
     v2 = registry.get(rejected.version).manifest
-    assert v2.status == "rejected" and v2.gate.verdict == "inconclusive" and v2.promotion.promoted is False
+    assert v2.status == "rejected" and v2.gate.verdict == "inconclusive" and v2.promotion.decision == "keep"
 
     # Too few rows is no evidence against the batch: it is not held, its rows are still new, and
     # the next run builds on the current version, never on the rejected one.

@@ -147,7 +147,14 @@ def test_finalize_writes_an_immutable_folder_with_the_manifest_filled_in(registr
     assert sorted(os.listdir(result.path)) == sorted({layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS, layout.MANIFEST})
     manifest = Manifest.read(result.path / layout.MANIFEST)
     assert manifest.adapter_sha256 == hashlib.sha256((result.path / layout.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
-    assert manifest.finalized_at is not None and manifest.promotion is not None and manifest.promotion.promoted
+    assert manifest.files == {
+        name: hashlib.sha256((result.path / name).read_bytes()).hexdigest()
+        for name in (layout.ADAPTER_CONFIG, layout.ADAPTER_WEIGHTS)
+    }
+    # The manifest records the decision; the pointer and the history say it happened.
+    assert manifest.finalized_at is not None and manifest.promotion is not None and manifest.promotion.decision == "promote"
+    assert "promoted" not in json.loads((result.path / layout.MANIFEST).read_text())["promotion"]
+    assert registry.get(reservation.name).promotion_state == "promoted"
     text = (result.path / layout.MANIFEST).read_text(encoding="utf-8")
     assert text == manifest.to_json()  # sorted keys, as Manifest writes it
     assert registry.current() == reservation.name
@@ -228,7 +235,7 @@ def test_a_gate_rejected_version_never_becomes_current(registry: Registry):
     rejected = make_version(registry, v1.name, status="rejected")
     assert registry.current() == v1.name
     info = registry.get(rejected.name)
-    assert info.manifest.status == "rejected" and not info.is_current
+    assert info.manifest.status == "rejected" and not info.is_current and info.promotion_state == "kept"
     assert info.manifest.promotion is not None and info.manifest.promotion.reason == "gate rejected"
 
 
@@ -248,7 +255,7 @@ def test_compare_and_swap_promotes_only_the_first_of_two_candidates_on_the_same_
     assert registry.current() == second.name
     manifest = registry.get(first.name).manifest
     assert manifest.status == "rejected" and manifest.promotion is not None
-    assert manifest.promotion.promoted is False and second.name in manifest.promotion.reason
+    assert manifest.promotion.decision == "keep" and second.name in manifest.promotion.reason
     assert [h["to"] for h in registry.history()] == [v1.name, second.name]
 
 
