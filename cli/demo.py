@@ -88,14 +88,14 @@ def run_demo(workdir: Path, console: Console, seed: int = 0) -> list[RunSummary]
 
     console.print(Rule("Day 4: roll back to v1, then train again"))
     rollback = registry.rollback(v1.version, reason="demo: going back to v1")
-    console.print(rollback.message)
+    console.print(escape(rollback.message))
     v4 = day("Day 4: new feedback, v4 builds on v1", DAY4)
 
     from cli.main import render_version_table
 
     console.print(Rule("Versions"))
     console.print(render_version_table(version_table(registry), title=f"Versions of {DEMO_MODEL}"))
-    console.print(f"History: {len(registry.history())} pointer moves in {registry.root / 'history.jsonl'}")
+    console.print(f"History: {len(registry.history())} pointer moves in {escape(str(registry.root / 'history.jsonl'))}")
     held = {mark.feedback_id for mark in store.marks(DEMO_MODEL) if mark.action == "hold"}
     poisoned = set(day_ids(DAY3_POISON, seed)) | set(day_ids(DAY3B_POISON, seed))
     v4_data = registry.get(v4.version).manifest.data if v4.version else None
@@ -104,7 +104,7 @@ def run_demo(workdir: Path, console: Console, seed: int = 0) -> list[RunSummary]
         f"Held: {len(held & poisoned)} of the {len(poisoned)} poisoned rows (see `incremental feedback held`); "
         f"v4 trained on {len(trained_poison)} of them."
     )
-    console.print(f"Demo finished in {time.perf_counter() - started:.0f} s. Files are in {workdir}/.")
+    console.print(f"Demo finished in {time.perf_counter() - started:.0f} s. Files are in {escape(str(workdir))}/.")
     _check_story(v1, v2, v3, v3b, v4, console, unheld=len(poisoned - held), trained_poison=len(trained_poison))
     return summaries
 

@@ -2,24 +2,34 @@
 
 Light commands (status, versions, rollback, feedback) import no model code, so they answer in
 about a second; `run` and `demo` import the flow.
+
+An error a user can fix (bad input, a bad setting or config file, a path that cannot be used) is one
+`error:` line and exit code 2, and nothing is stored; anything else is a bug and keeps its traceback.
+Everything printed that a user or a file supplied goes through `_safe`: Rich markup in it is text.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import duckdb
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.markdown import Markdown
 from rich.table import Table
+from typer.core import TyperGroup
 
-from incremental.errors import IncrementalError
+from incremental.errors import ConfigurationError, IncrementalError
 from incremental.feedback import FeedbackStore
+from incremental.feedback.ingest import MAX_FIELD_BYTES
+from incremental.layout import MODEL_NAME
 from incremental.registry import Registry
 from incremental.reporting import VersionRow, version_table
 from incremental.settings import Settings
@@ -29,7 +39,43 @@ from incremental.settings import Settings
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-app = typer.Typer(help="Continuous LoRA fine-tuning from user feedback, with a quality gate.", no_args_is_help=True)
+
+class CliInputError(IncrementalError, ValueError):
+    """A command's arguments are wrong, do not fit together, or name nothing; nothing was changed."""
+
+
+class _OneLineErrors(TyperGroup):
+    """The top command group: an error a user can fix (`_user_error`) becomes one `error:` line and exit
+    code 2, under CliRunner as in a terminal; any other exception is re-raised with its traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as error:  # sorted by _user_error; what it does not know is re-raised untouched
+            message = _user_error(error)
+            if message is None:
+                raise
+            # soft_wrap: a long path or problem list stays whole for grep, whatever the width.
+            console.print(f"[red]error:[/] {_safe(message)}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+def _user_error(error: Exception) -> str | None:
+    """What to tell a user about an error they can fix, or None for a bug. Click's own usage errors (an
+    unknown option, a missing value) are not here: typer shows them with the usage line, exit code 2."""
+    if isinstance(error, IncrementalError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return (
+            f"{error.filename}: {error.strerror}; check the path and its permissions (the feedback database is "
+            "INCREMENTAL_DB_PATH, the version tree INCREMENTAL_MODELS_ROOT)"
+        )
+    return None
+
+
+app = typer.Typer(
+    cls=_OneLineErrors, help="Continuous LoRA fine-tuning from user feedback, with a quality gate.", no_args_is_help=True
+)
 feedback_app = typer.Typer(help="Add or import feedback rows.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Look at what the next run would train and evaluate on.", no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
@@ -42,14 +88,50 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (default: INCREMENTAL_MODEL).")]
 
 
+def _settings() -> Settings:
+    """The settings from INCREMENTAL_* variables and .env; a bad value names its variable."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = f"INCREMENTAL_{str(first['loc'][0]).upper()}" if first["loc"] else "the INCREMENTAL_* settings"
+        more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
+        raise ConfigurationError(
+            f"{name}={_shown(first.get('input'))}: {first['msg']}{more}; fix it or unset it (environment or .env)"
+        ) from None
+    if settings.models_root.exists() and not settings.models_root.is_dir():
+        raise ConfigurationError(
+            f"INCREMENTAL_MODELS_ROOT={settings.models_root}: is a file, not a folder; point it at the folder of version trees"
+        )
+    return settings
+
+
 def _context(model: str | None) -> tuple[Settings, str]:
-    settings = Settings()
+    settings = _settings()
+    if model is not None and not MODEL_NAME.match(model):
+        raise CliInputError(
+            f"--model {_shown(model)}: not a model name; use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit (e.g. {settings.model!r})"
+        )
     return settings, model or settings.model
 
 
 def _store(settings: Settings) -> FeedbackStore:
-    store = FeedbackStore(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
-    store.init()
+    """The feedback store at INCREMENTAL_DB_PATH, created or migrated; a path that cannot be one is one clear line."""
+    path = settings.db_path
+    store = FeedbackStore(path, lock_timeout_s=settings.db_lock_timeout_s)
+    fix = "point INCREMENTAL_DB_PATH at the feedback database, or at a path that does not exist yet to create one"
+    try:
+        store.init()
+    except duckdb.Error as error:
+        if path.is_dir():
+            raise ConfigurationError(f"feedback database {path}: is a folder, not a DuckDB file; {fix}") from None
+        raise ConfigurationError(
+            f"feedback database {path}: DuckDB cannot open it ({str(error).splitlines()[0]}); it is empty, not a DuckDB "
+            f"file, or written by another DuckDB version; {fix} (the file was not changed)"
+        ) from None
+    except OSError as error:
+        raise ConfigurationError(f"feedback database {path}: cannot create it ({error.strerror}: {error.filename}); {fix}") from None
     return store
 
 
@@ -65,17 +147,29 @@ def _main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide the [I
 def status(model: ModelOption = None) -> None:
     """Mode (Base or Incremental), current version, lineage and pending feedback."""
     settings, model = _context(model)
+    store = _store(settings)  # first: a database that cannot be opened is the only line printed
     registry = Registry(settings.models_root, model)
     current = registry.current()
     lineage = registry.lineage(current) if current else []
     if current is None:
-        console.print(f"🆕 [bold]Base Mode[/]: no accepted version of [bold]{model}[/]; the next training starts from the base model ({settings.base_model}).")
+        console.print(
+            f"🆕 [bold]Base Mode[/]: no accepted version of [bold]{_safe(model)}[/]; the next training starts from the "
+            f"base model ({_safe(settings.base_model)})."
+        )
     else:
-        console.print(f"🔄 [bold]Incremental Mode[/]: current version [bold]{current}[/]; the next training builds on it.")
-        console.print(f"Lineage: {' ← '.join(lineage)} ← base")
-    counts = _store(settings).counts(model, lineage, trusted_before=_accepted_at(registry, current))
+        console.print(f"🔄 [bold]Incremental Mode[/]: current version [bold]{_safe(current)}[/]; the next training builds on it.")
+        console.print(f"Lineage: {_safe(' ← '.join(lineage))} ← base")
+        problems = registry.verify(current)
+        if problems:
+            console.print(
+                f"[red]⚠ {_safe(current)} is damaged[/]: {_safe('; '.join(problems))}. Serving and runs refuse it; "
+                "`incremental doctor` explains, `incremental rollback <version>` moves off it."
+            )
+    for name in registry.interrupted():
+        console.print(f"Note: {_safe(name)} was accepted, but its run stopped before it became current (see `incremental doctor`).")
+    counts = store.counts(model, lineage, trusted_before=_accepted_at(registry, current))
     console.print(
-        f"Feedback for {model}: {counts.total} rows — [bold]{counts.new} new[/] (not learned by this lineage), "
+        f"Feedback for {_safe(model)}: {counts.total} rows — [bold]{counts.new} new[/] (not learned by this lineage), "
         f"{counts.learned} learned, {counts.eval} eval rows ({counts.trusted_eval} trusted), "
         f"{counts.rejected} rejected outputs without correction, "
         f"[bold]{counts.held} held[/] (neither trained nor trusted until released), {counts.excluded} excluded."
@@ -113,15 +207,16 @@ def versions(
     """All versions: parent, status, which is current, score changes against the parent."""
     settings, model = _context(model)
     if explain is not None:
+        # Markdown has no Rich markup: the explanation's text is printed as it is.
         from incremental.reporting import explain_version
 
         console.print(Markdown(explain_version(Registry(settings.models_root, model), explain)))
         return
     rows = version_table(Registry(settings.models_root, model))
     if not rows:
-        console.print(f"No versions of {model} yet. Run `incremental run` after adding feedback.")
+        console.print(f"No versions of {_safe(model)} yet. Run `incremental run` after adding feedback.")
         return
-    console.print(render_version_table(rows, title=f"Versions of {model}"))
+    console.print(render_version_table(rows, title=f"Versions of {_safe(model)}"))
 
 
 def render_version_table(rows: list[VersionRow], title: str) -> Table:
@@ -130,17 +225,54 @@ def render_version_table(rows: list[VersionRow], title: str) -> Table:
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row.name,
-            row.parent,
-            "[green]accepted[/]" if row.status == "accepted" else "[red]rejected[/]",
-            "◀ current" if row.current else "",
+            _safe(row.name),
+            _safe(row.parent),
+            "[red]damaged[/]" if row.problem else "[green]accepted[/]" if row.status == "accepted" else "[red]rejected[/]",
+            "◀ current" if row.current else "interrupted" if row.promotion == "interrupted" else "",
             _number(row.target_nll),
             _number(row.nll_delta, signed=True),
             _number(row.prompt_gain),
             _number(row.gain_delta, signed=True),
-            row.created,
+            _safe(row.created),
         )
     return table
+
+
+@app.command()
+def doctor(
+    model: ModelOption = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Apply the safe fixes (leftovers of dead runs, lost history lines).")] = False,
+) -> None:
+    """Check the versions, pointer, history and staging of a model against the registry's invariants."""
+    from incremental.doctor import diagnose
+    from incremental.doctor import repair as apply_repairs
+
+    settings, model = _context(model)
+    db_path = settings.db_path if settings.db_path.is_file() else None
+
+    def check():
+        return diagnose(settings.models_root, model, db_path, embedded_cache_dir=settings.embedded_cache_dir)
+
+    findings = check()
+    if repair:
+        for line in apply_repairs(findings):
+            console.print(f"[green]repaired[/]: {_safe(line)}")
+        findings = check()
+    if not findings:
+        console.print(f"No problems found in {_safe(str(settings.models_root / model))}.")
+        return
+    table = Table(title=f"Doctor: {model}")
+    for column in ("severity", "what", "fix", "repairable"):
+        table.add_column(column)
+    colour = {"error": "red", "warning": "yellow", "info": "dim"}
+    for finding in findings:
+        table.add_row(
+            f"[{colour[finding.severity]}]{finding.severity}[/]", _safe(finding.what), _safe(finding.fix),
+            "yes (--repair)" if finding.repairable else "no",
+        )  # fmt: skip
+    console.print(table)
+    if any(finding.severity == "error" for finding in findings):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -154,7 +286,7 @@ def rollback(
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
     result = registry.rollback(None if version == "base" else version, force=force, reason=reason)
-    console.print(result.message)
+    console.print(_safe(result.message))
     # The learned record follows the new lineage now, not at the next run: rows only abandoned
     # versions learned are new again in `status` and `dataset preview` at once.
     current = registry.current()
@@ -174,19 +306,38 @@ def feedback_add(
 ) -> None:
     """Store one rating."""
     settings, model = _context(model)
-    row_id = _store(settings).add(
-        {
-            "model": model,
-            "artifact_type": artifact_type,
-            "rating": rating,
-            "prompt": notes.read_text(encoding="utf-8"),
-            "output": output.read_text(encoding="utf-8"),
-            "correction": correction.read_text(encoding="utf-8") if correction else None,
-            "generated_by": generated_by,
-            "source": "cli",
-        }
-    )
-    console.print(f"Stored feedback {row_id} for {model}.")
+    row = {
+        "model": model,
+        "artifact_type": artifact_type,
+        "rating": rating,
+        "prompt": _read_field("--notes", notes),
+        "output": _read_field("--output", output),
+        "correction": _read_field("--correction", correction) if correction else None,
+        "generated_by": generated_by,
+        "source": "cli",
+    }
+    row_id = _store(settings).add(row)
+    console.print(f"Stored feedback {_safe(row_id)} for {_safe(model)}.")
+
+
+def _read_field(option: str, path: Path) -> str:
+    """A file's text for one field: UTF-8 and at most MAX_FIELD_BYTES (checked before it is read)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FIELD_BYTES:
+            raise CliInputError(
+                f"{option} {path}: {size} bytes, over the limit of {MAX_FIELD_BYTES // (1024 * 1024)} MiB per text field; "
+                "shorten it"
+            )
+        data = path.read_bytes()
+    except OSError as error:
+        raise CliInputError(f"{option} {path}: cannot read it ({error.strerror}); check the path and its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CliInputError(
+            f"{option} {path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save the file as UTF-8"
+        ) from None
 
 
 @feedback_app.command("import")
@@ -200,11 +351,12 @@ def feedback_import(
     """Import a file in one transaction: every row or none (or, with --skip-invalid, every valid row).
 
     Importing the same file again stores nothing new: rows already stored with the same content are skipped.
+    A text field holds at most 16 MiB of UTF-8; a created_at more than a day ahead of this machine's clock is refused.
     """
     settings, model = _context(model)
     report = _store(settings).import_file(file, default_model=model, skip_invalid=skip_invalid)
     console.print(
-        f"Imported {report.stored} rows from {escape(str(file))}"
+        f"Imported {report.stored} rows from {_safe(str(file))}"
         + (f"; {report.already_stored} were already stored (skipped)" if report.already_stored else "")
         + (f"; {report.blank_lines} blank lines skipped" if report.blank_lines else "")
         + "."
@@ -212,7 +364,7 @@ def feedback_import(
     if report.rejected:
         console.print(
             f"[yellow]{report.rejected} invalid rows were not stored[/]; they and their problems are in "
-            f"{escape(str(report.rejected_path))}."
+            f"{_safe(str(report.rejected_path))}."
         )
 
 
@@ -223,9 +375,18 @@ def feedback_export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Write every feedback row, with all its columns, to Parquet or JSONL; `feedback import` reads it back."""
-    settings = Settings()
-    written = _store(settings).export(file, model=model, overwrite=overwrite)
-    console.print(f"Exported {written} rows{f' of {model}' if model else ''} to {escape(str(file))}.")
+    settings = _settings()
+    try:
+        written = _store(settings).export(file, model=model, overwrite=overwrite)
+    except IncrementalError:  # already says what to do (an existing file is also an OSError)
+        raise
+    except ValueError as error:  # the library's refusal of a bad --model names it
+        raise CliInputError(str(error)) from None
+    except OSError as error:
+        raise CliInputError(f"{file}: cannot write it ({error.strerror}: {error.filename}); choose a path in a folder you can write") from None
+    except duckdb.IOException as error:  # DuckDB writes the file itself, so an unwritable path is its error
+        raise CliInputError(f"{file}: cannot write it ({str(error).splitlines()[0]}); choose a path in a folder you can write") from None
+    console.print(f"Exported {written} rows{f' of {_safe(model)}' if model else ''} to {_safe(str(file))}.")
 
 
 IdsOption = Annotated[Optional[str], typer.Option("--ids", help="Comma-separated feedback ids.")]
@@ -236,15 +397,15 @@ ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept with the 
 
 def _pick_rows(store: FeedbackStore, model: str, ids: str | None, version: str | None) -> list[str]:
     if (ids is None) == (version is None):
-        raise typer.BadParameter("give exactly one of --ids a,b,c or --version vN_YYYYMMDD_HHMMSS")
+        raise CliInputError("give exactly one of --ids a,b,c or --version vN_YYYYMMDD_HHMMSS")
     if ids is not None:
         picked = [row_id.strip() for row_id in ids.split(",") if row_id.strip()]
         if not picked:
-            raise typer.BadParameter("--ids is empty; give comma-separated feedback ids")
+            raise CliInputError("--ids is empty; give comma-separated feedback ids")
         return picked
     picked = list(store.held_by(model, version))
     if not picked:
-        raise typer.BadParameter(f"no rows are held with {version}; `incremental feedback held` lists held rows")
+        raise CliInputError(f"--version {version}: no rows are held with it; `incremental feedback held` lists held rows")
     return picked
 
 
@@ -252,8 +413,11 @@ def _mark(action: str, past: str, model: str | None, ids: str | None, version: s
     settings, model = _context(model)
     store = _store(settings)
     picked = _pick_rows(store, model, ids, version)
-    changed = store.mark(model, picked, action, reason=reason, actor=by, version=version)
-    console.print(f"{past.capitalize()} {changed} of {len(picked)} rows of {model} ({len(picked) - changed} already were).")
+    try:
+        changed = store.mark(model, picked, action, reason=reason, actor=by, version=version)
+    except ValueError as error:  # the store's refusals of these arguments name the option (--reason, --by)
+        raise CliInputError(str(error)) from None
+    console.print(f"{past.capitalize()} {changed} of {len(picked)} rows of {_safe(model)} ({len(picked) - changed} already were).")
 
 
 @feedback_app.command("release")
@@ -284,28 +448,31 @@ def feedback_include(
 
 
 @feedback_app.command("held")
-def feedback_held(model: ModelOption = None, limit: Annotated[int, typer.Option(help="Rows to show.")] = 20) -> None:
+def feedback_held(model: ModelOption = None, limit: Annotated[int, typer.Option(help="Rows to show.", min=0)] = 20) -> None:
     """Rows held until a person releases or excludes them, with who held them and why."""
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
     current = registry.current()
     collected = _store(settings).collect(model, registry.lineage(current) if current else [])
     held = collected.held
-    console.print(f"{held.num_rows} held rows of {model}, {collected.n_excluded} excluded.")
+    console.print(f"{held.num_rows} held rows of {_safe(model)}, {collected.n_excluded} excluded.")
     if not held.num_rows:
         return
     table = Table(title="Held rows")
     for column in ("id", "type", "rating", "split", "reason"):
         table.add_column(column, overflow="fold")
     for row in held.slice(0, limit).to_pylist():
-        table.add_row(escape(row["id"]), row["artifact_type"], row["rating"], row["split"], escape(_clip(row["hold_reason"] or "", 100)))
+        table.add_row(
+            _safe(row["id"]), _safe(row["artifact_type"]), _safe(row["rating"]), _safe(row["split"]),
+            _safe(_clip(row["hold_reason"] or "", 100)),
+        )  # fmt: skip
     console.print(table)
 
 
 @dataset_app.command("preview")
 def dataset_preview(
     model: ModelOption = None,
-    examples: Annotated[int, typer.Option(help="How many new rows to show.")] = 3,
+    examples: Annotated[int, typer.Option(help="How many new rows to show.", min=0)] = 3,
 ) -> None:
     """Counts of new, replay and eval rows the next run would use, and a few new rows."""
     from incremental.config import RunConfig
@@ -316,10 +483,10 @@ def dataset_preview(
     collected, plan = _next_run_data(settings, model, registry, current, RunConfig())
     n_trusted = sum(collected.eval.column("trusted").to_pylist())
     console.print(
-        f"Next run for {model} (builds on {current or 'base model'}): "
+        f"Next run for {_safe(model)} (builds on {_safe(current or 'base model')}): "
         f"[bold]{len(plan.new_ids)} new[/] + {len(plan.replay_ids)} replayed rows to train on (screening may hold some); "
         f"{len(plan.eval_ids)} eval rows ({n_trusted} trusted, judged; {len(plan.eval_ids) - n_trusted} arrived since "
-        f"{current or 'the start'}, reported only) and {len(plan.rejected_ids)} rejected outputs to evaluate on "
+        f"{_safe(current or 'the start')}, reported only) and {len(plan.rejected_ids)} rejected outputs to evaluate on "
         f"(a window of {collected.available.get('eval', 0)} eval and {collected.available.get('rejected', 0)} rejected rows); "
         f"{collected.held.num_rows} held and {collected.n_excluded} excluded rows left out."
     )
@@ -327,7 +494,7 @@ def dataset_preview(
     for column in ("id", "type", "notes", "target"):
         table.add_column(column, overflow="fold")
     for row in collected.new.slice(0, examples).to_pylist():
-        table.add_row(row["id"][:8], row["artifact_type"], _clip(row["prompt"]), _clip(row["target"]))
+        table.add_row(_safe(row["id"][:8]), _safe(row["artifact_type"]), _safe(_clip(row["prompt"])), _safe(_clip(row["target"])))
     console.print(table)
 
 
@@ -354,7 +521,7 @@ def dataset_rebuild(
     train_ok = content_hash(plan.train) == data.dataset_hash
     eval_ok = content_hash(plan.eval, EVAL_COLUMNS) == data.eval_snapshot_hash
     console.print(
-        f"{version}: {plan.train.num_rows} train rows ({len(data.new_ids)} new + {len(data.replay_ids)} replay), "
+        f"{_safe(version)}: {plan.train.num_rows} train rows ({len(data.new_ids)} new + {len(data.replay_ids)} replay), "
         f"{plan.eval.num_rows} eval rows. Train snapshot hash: {'[green]matches[/]' if train_ok else '[red]differs[/]'} "
         f"the manifest; eval snapshot hash: {'[green]matches[/]' if eval_ok else '[red]differs[/]'}."
     )
@@ -362,7 +529,7 @@ def dataset_rebuild(
         console.print("The eval snapshot includes the golden file (INCREMENTAL_GOLDEN_PATH): it must be the one that run used.")
     if out is not None:
         plan.write(out)
-        console.print(f"Wrote {escape(str(out / 'train.parquet'))} and {escape(str(out / 'eval.parquet'))}.")
+        console.print(f"Wrote {_safe(str(out / 'train.parquet'))} and {_safe(str(out / 'eval.parquet'))}.")
     if not (train_ok and eval_ok):
         raise typer.Exit(1)
 
@@ -373,6 +540,7 @@ def gate_calibrate(
     config: Annotated[Optional[Path], typer.Option(help="JSON run config whose gate policy to calibrate (default: the defaults).")] = None,
 ) -> None:
     """Score the current version against itself (two bootstrap seeds, two greedy samples): the gate's noise floor."""
+    run_config = _read_config(config)  # before the model stack is imported: a bad file answers at once
     import pyarrow.parquet as pq
 
     from incremental.calibration import calibrate, flip_risks
@@ -380,11 +548,10 @@ def gate_calibrate(
     from incremental.modeling import Hardware, load_scoring_model, resolve_base
 
     settings, model = _context(model)
-    run_config = _read_config(config)
     registry = Registry(settings.models_root, model)
     current = registry.current()
     if current is None:
-        raise typer.BadParameter(f"{model} is in base mode: calibrate needs a current version to score against itself")
+        raise CliInputError(f"{model} is in base mode: calibrate needs a current version to score against itself")
     _, plan = _next_run_data(settings, model, registry, current, run_config)
     hardware = Hardware.from_settings(settings)
     scorer, tokenizer = load_scoring_model(resolve_base(settings), hardware, {"current": registry.adapter_dir(current)})
@@ -393,40 +560,53 @@ def gate_calibrate(
         scorer, tokenizer, plan.eval, run_config.gate, version=current, max_length=run_config.train.max_length,
         promotion_scores=pq.read_table(scores_path) if scores_path.is_file() else None,
     )
-    table = Table(title=f"Noise floor of the gate for the next candidate of {current} ({report.slice} rows)")
+    table = Table(title=f"Noise floor of the gate for the next candidate of {_safe(current)} ({_safe(report.slice)} rows)")
     for column in ("metric", "n", "value", "interval seed A", "interval seed B", "sample B", "± at its promotion", "noise floor", "margin", "margin vs noise"):
         table.add_column(column)
     for noise in report.metrics:
         table.add_row(
-            noise.metric, str(noise.n), f"{noise.value:.4f}",
-            f"[{noise.interval_a[0]:.4f}, {noise.interval_a[1]:.4f}]", f"[{noise.interval_b[0]:.4f}, {noise.interval_b[1]:.4f}]",
+            _safe(noise.metric), str(noise.n), f"{noise.value:.4f}",
+            escape(f"[{noise.interval_a[0]:.4f}, {noise.interval_a[1]:.4f}]"), escape(f"[{noise.interval_b[0]:.4f}, {noise.interval_b[1]:.4f}]"),
             "—" if noise.sample_b is None else f"{noise.sample_b:.4f}",
             "—" if noise.resolution is None else f"{noise.resolution:.4f}", f"{noise.floor:.4f}", f"{noise.margin:.4f}",
             ("ok" if noise.margin_ok else "[red]margin below the noise floor: verdicts may flip[/]") + ("" if noise.gated else " (not gated)"),
         )  # fmt: skip
     console.print(table)
     risks = flip_risks(report, list(registry.get(current).manifest.gate.checks))
-    console.print(f"Verdict of {current} that could flip at this noise: " + ("none" if not risks else ""))
+    console.print(f"Verdict of {_safe(current)} that could flip at this noise: " + ("none" if not risks else ""))
     for risk in risks:
-        console.print(f"  • {escape(risk)}")
+        console.print(f"  • {_safe(risk)}")
+
+
+# How to fix a config problem, by pydantic's error type.
+_CONFIG_FIXES = {
+    "json_invalid": "write one JSON object of run config fields (lora, train, data, gate)",
+    "extra_forbidden": "remove it or fix its spelling",
+    "missing": "add it",
+}
 
 
 def _read_config(path: Path | None):
-    """The run config from a JSON file, or the defaults; a bad file is one clear line, not a traceback."""
-    from pydantic import ValidationError
-
+    """The run config from a JSON file, or the defaults; a bad file is one clear line naming the field."""
     from incremental.config import RunConfig
 
     if path is None:
         return RunConfig()
     try:
-        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+        return RunConfig.model_validate_json(path.read_bytes().decode("utf-8"))
     except OSError as error:
-        raise typer.BadParameter(f"--config {path}: {error.strerror}") from None
+        raise ConfigurationError(f"--config {path}: cannot read it ({error.strerror}); check the path") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(f"--config {path}: not UTF-8 text (byte offset {error.start}); save the file as UTF-8") from None
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(file)"
-        raise typer.BadParameter(f"--config {path}: field '{where}': {first['msg']} ({error.error_count()} problem(s))") from None
+        fix = _CONFIG_FIXES.get(first["type"], "fix the value, or remove the field to use its default")
+        more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
+        if not first["loc"]:
+            raise ConfigurationError(f"--config {path}: {first['msg']}; {fix}{more}") from None
+        where = ".".join(str(part) for part in first["loc"])
+        got = "" if first["type"] in ("missing", "extra_forbidden") else f" (got {_shown(first.get('input'))})"
+        raise ConfigurationError(f"--config {path}: field '{where}': {first['msg']}{got}; {fix}{more}") from None
 
 
 @app.command()
@@ -434,11 +614,17 @@ def run(
     model: ModelOption = None,
     config: Annotated[Optional[Path], typer.Option(help="JSON file with run config fields (lora, train, data, gate).")] = None,
 ) -> None:
-    """Run the retrain flow once, locally (Prefect's embedded API unless PREFECT_API_URL is set)."""
+    """Run the retrain flow once, locally (a temporary Prefect API unless PREFECT_API_URL is set)."""
+    # Checked before the flow is imported: a bad --model, setting or config file answers at once.
+    _context(model)
+    run_config = _read_config(config)
+    from cli.prefect_api import prefect_api
     from flows.retrain import retrain
 
-    summary = retrain(model=model, config=_read_config(config))
-    console.print(summary.headline())
+    # The temporary server, if one is needed, stops with this process, even when it is killed.
+    with prefect_api():
+        summary = retrain(model=model, config=run_config)
+    console.print(_safe(summary.headline()))
 
 
 @app.command()
@@ -465,11 +651,8 @@ def demo(
 
 
 def main() -> None:
-    try:
-        app()
-    except IncrementalError as error:
-        console.print(f"[red]error:[/] {error}")
-        raise SystemExit(2) from None
+    """The `incremental` entry point: exit code 0, 1 for a failed check (rebuild), 2 for a user error."""
+    app()
 
 
 def _number(value: float | None, signed: bool = False) -> str:
@@ -481,3 +664,22 @@ def _number(value: float | None, signed: bool = False) -> str:
 def _clip(text: str, width: int = 80) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# Characters a terminal acts on instead of showing: C0/C1 controls other than newline (ESC starts escape
+# sequences that can rewrite the screen or the window title; a tab would print as spaces) and the bidi
+# overrides and isolates (they reorder what follows). Other Unicode, RTL scripts and emoji included, is
+# printed as it is.
+_HIDDEN = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _safe(text: str) -> str:
+    """Text a user or a file supplied, ready for console.print: markup escaped, terminal controls shown
+    as Python escapes (\\x1b)."""
+    return escape(_HIDDEN.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text))
+
+
+def _shown(value: object) -> str:
+    """A value in an error message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

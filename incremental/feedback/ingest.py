@@ -5,7 +5,9 @@ Every row, whatever its way in, is staged as a table and checked by one rule set
 by DuckDB over the whole batch), then stored in one transaction. Parquet and CSV are read by DuckDB's
 own readers, JSONL lines by its JSON functions; Python only splits files into lines with numpy (so an
 error names the real line) and formats the first few problems. A refused batch stores nothing; with
-`skip_invalid` the bad rows go to a reject file instead. Knows nothing about lineage or training.
+`skip_invalid` the bad rows go to a reject file instead. Limits: a text field holds at most
+MAX_FIELD_BYTES (16 MiB) of UTF-8, a created_at is at most MAX_CLOCK_SKEW (1 day) ahead of this
+machine's clock. Knows nothing about lineage or training.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,14 @@ _REQUIRED = ("model", "artifact_type", "prompt", "output", "rating")
 _CONTENT = ("model", "artifact_type", "prompt", "output", "rating", "correction", "created_at")
 # A row whose id is stored is skipped when these (and created_at, if it gives one) are equal, else refused.
 _COMPARED = ("model", "artifact_type", "prompt", "output", "rating", "correction", "generated_by")
+
+# Limits on what one row may carry. A text field holds at most MAX_FIELD_BYTES of UTF-8: far above any
+# meeting notes or artifact (a 10 MB output is stored verbatim), low enough that one row cannot
+# exhaust the memory of a run that tokenizes it. A created_at more than MAX_CLOCK_SKEW ahead of this
+# machine's clock is refused: the gate's eval window keeps the most recent rows by created_at, so a
+# row dated in the future would take a place in every later window and never age out.
+MAX_FIELD_BYTES = 16 * 1024 * 1024
+MAX_CLOCK_SKEW = timedelta(days=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +110,12 @@ _FIELD_HINTS = {
 }
 
 
+def _too_big(field: str) -> tuple[str, str, bool]:
+    """The size rule of one text field (see MAX_FIELD_BYTES); `strlen` counts UTF-8 bytes."""
+    what = f"is over the limit of {MAX_FIELD_BYTES // (1024 * 1024)} MiB ({MAX_FIELD_BYTES} bytes of UTF-8) per text field; shorten it"
+    return (what, f"strlen({field}) > {MAX_FIELD_BYTES}", False)
+
+
 def _lit(text: str) -> str:
     """A SQL string literal (DuckDB strings have no backslash escapes; a quote is doubled)."""
     return "'" + text.replace("'", "''") + "'"
@@ -130,10 +146,12 @@ _RULES: dict[str, tuple[tuple[str, str, bool], ...]] = {
     ),
     "prompt": (
         ("is required", "prompt IS NULL", False),
+        _too_big("prompt"),
         ("must not be empty or only whitespace", f"NOT regexp_matches(prompt, {_VISIBLE})", True),
     ),
     "output": (
         ("is required", "output IS NULL", False),
+        _too_big("output"),
         ("must not be empty or only whitespace", f"NOT regexp_matches(output, {_VISIBLE})", True),
     ),
     "rating": (
@@ -141,14 +159,25 @@ _RULES: dict[str, tuple[tuple[str, str, bool], ...]] = {
         ("is not a rating", "rating NOT IN ('good', 'needs_improvement')", True),
     ),
     "correction": (
+        _too_big("correction"),
         ("must not be empty; omit it (or pass null) when there is no correction", f"NOT regexp_matches(correction, {_VISIBLE})", True),
         ("a correction is only accepted with rating 'needs_improvement', this row is rated 'good'", "correction IS NOT NULL AND rating = 'good'", False),
     ),
-    "source": (("must not be empty or only whitespace", f"NOT regexp_matches(source, {_VISIBLE})", True),),
+    "source": (
+        _too_big("source"),
+        ("must not be empty or only whitespace", f"NOT regexp_matches(source, {_VISIBLE})", True),
+    ),
     "generated_by": (
         ("is not a version name", f"NOT regexp_full_match(generated_by, {_full(VERSION_NAME.pattern)})", True),
     ),
-    "created_at": (("is not an ISO 8601 time", "created_at_given IS NOT NULL AND created_ts IS NULL", True),),
+    "created_at": (
+        ("is not an ISO 8601 time", "created_at_given IS NOT NULL AND created_ts IS NULL", True),
+        (
+            f"is more than {MAX_CLOCK_SKEW.days} day ahead of this machine's clock (check the clock of the machine that wrote it)",
+            f"created_ts > $now::TIMESTAMPTZ + to_seconds({MAX_CLOCK_SKEW.total_seconds():.0f})",
+            True,
+        ),
+    ),
     "split": (
         ("must be 'train' or 'eval'", "split_given NOT IN ('train', 'eval')", True),
         ("is not the split this database computes for this id", "split_given <> split", True),
@@ -269,8 +298,10 @@ class _Staged:
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _file_place(path: Path, separator: str) -> Callable[[str], str]:
-    return lambda line: f"({_lit(f'{path}{separator}')} || {line})"
+def _file_place(line: str) -> str:
+    """SQL: where a file's row is: `$place` (the path and a separator, passed as a parameter like every
+    value a user chose) and its line."""
+    return f"($place::VARCHAR || {line})"
 
 
 def _kind(json_type: str) -> str:
@@ -281,6 +312,8 @@ def _kind(json_type: str) -> str:
 
 
 _NOT_UTF8 = _lit("not UTF-8 text; save the file as UTF-8")
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): text only as the two halves of a pair.
+_SURROGATE_ESCAPE = _lit(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _text_of(raw: str) -> str:
@@ -306,6 +339,10 @@ def _json_staged(lines: str) -> str:
     parsed AS (
         SELECT line, body, raw,
                CASE WHEN body IS NULL THEN {_NOT_UTF8}
+                    -- Valid once every surrogate escape is gone: one of them had no partner.
+                    WHEN NOT json_valid(body) AND json_valid(regexp_replace(body, {_SURROGATE_ESCAPE}, 'x', 'g'))
+                    THEN 'not valid JSON: a \\ud800-\\udfff escape without its pair is not text (a lone surrogate); '
+                         || 'remove it, or write the character itself' || {_got("body")}
                     WHEN NOT json_valid(body) THEN 'not valid JSON; write one JSON object per line' || {_got("body")}
                     WHEN json_type(body) <> 'OBJECT'
                     THEN 'expected an object with feedback fields, not ' || {_kind("json_type(body)")} || {_got("body")}
@@ -423,7 +460,7 @@ def _stage_jsonl(con: duckdb.DuckDBPyConnection, path: Path) -> _Staged:
     blank = _blank(array, bounds, b" \t\r\n")
     con.register("jsonl_lines", pa.table({"line": lines, "raw": _binary(data, bounds), "blank": blank}))
     lines_sql = "SELECT line, rtrim(try(decode(raw)), chr(13) || chr(10)) AS body, raw FROM jsonl_lines WHERE NOT blank"
-    return _Staged(_json_staged(lines_sql), _file_place(path, ":"), blank_lines=int(blank.sum()))
+    return _Staged(_json_staged(lines_sql), _file_place, blank_lines=int(blank.sum()), params={"place": f"{path}:"})
 
 
 def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, default_model: str | None, scratch: Path) -> _Staged:
@@ -495,7 +532,7 @@ def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, default_model: str | 
         broken="s.broken",
         raw=f"CASE WHEN s.broken IS NOT NULL THEN {_text_of('s.raw')} END",
     )
-    return _Staged(staged, _file_place(path, ":"), blank_lines=int(blank[1:].sum()))
+    return _Staged(staged, _file_place, blank_lines=int(blank[1:].sum()), params={"place": f"{path}:"})
 
 
 _TIME_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_S", "TIMESTAMP_MS", "TIMESTAMP_NS")
@@ -530,7 +567,7 @@ def _stage_parquet(con: duckdb.DuckDBPyConnection, path: Path, default_model: st
         {name: name for name in types if name in _CHECKED_FIELDS},
         line="file_row_number + 1",
     )
-    return _Staged(staged, _file_place(path, " row "), params={"path": str(path)})
+    return _Staged(staged, _file_place, params={"path": str(path), "place": f"{path} row "})
 
 
 def _row_json(row: Any, where: str) -> str:
@@ -541,6 +578,17 @@ def _row_json(row: Any, where: str) -> str:
         row = dict(row)
         if isinstance(row.get("created_at"), date):  # a datetime is a date; naive means UTC
             row["created_at"] = row["created_at"].isoformat()
+        for name, value in row.items():
+            if isinstance(value, str) and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    problem = (
+                        f"{where}: field {name!r}: holds the surrogate code point U+{ord(value[error.start]):04X} at "
+                        f"character {error.start}, which is not text and cannot be stored as UTF-8; remove it, or decode "
+                        "the source text with errors='replace'"
+                    )
+                    raise _refusal([problem], 1) from None
     try:
         return json.dumps(row, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -562,11 +610,15 @@ def _is_json(value: Any) -> bool:
 
 
 def _refusal(shown: list[str], total: int, tip: str = "") -> InvalidFeedbackError:
+    """One line for one problem (the CLI prints it as its error line), else a list of the first ones.
+    `tip` is a clause: 'to ..., do ...'."""
+    if total == 1:
+        return InvalidFeedbackError(f"nothing was stored: {shown[0]}" + (f"; {tip}" if tip else ""))
     shown = shown[:MAX_LISTED_ERRORS]
     more = total - len(shown)
-    head = "nothing was stored; fix these and retry:" if total > 1 else "nothing was stored:"
+    head = "nothing was stored; fix these and retry:"
     body = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
-    return InvalidFeedbackError(f"{head}\n  {body}" + (f"\n{tip}" if tip else ""))
+    return InvalidFeedbackError(f"{head}\n  {body}" + (f"\n{tip[:1].upper()}{tip[1:]}." if tip else ""))
 
 
 @dataclass(frozen=True)
@@ -635,7 +687,7 @@ class FeedbackIngest(FeedbackDatabase):
             if outcome.rows == 0:
                 raise InvalidFeedbackError(f"{path}: no feedback rows found; the file is empty or only blank lines")
             if outcome.bad_rows and not skip_invalid:
-                tip = f"To store the valid rows and write the others to {rejected_path}, import with skip_invalid=True."
+                tip = f"to store the valid rows and write the others to {rejected_path}, import with skip_invalid=True (CLI: --skip-invalid)"
                 raise self._refused(con, staged, outcome, tip)
             if outcome.bad_rows:
                 reject_sql = f"""
@@ -704,6 +756,7 @@ class FeedbackIngest(FeedbackDatabase):
         sql = _checked_sql(staged.sql, staged.place, id_default)
         values = {
             "eval_cut": round(self.stored_share(con) * 10_000),
+            "now": utcnow(),
             "default_model": default_model,
             "default_source": default_source,
             **staged.params,
@@ -719,9 +772,8 @@ class FeedbackIngest(FeedbackDatabase):
     @staticmethod
     def _refused(con: duckdb.DuckDBPyConnection, staged: _Staged, outcome: _Outcome, tip: str = "") -> InvalidFeedbackError:
         """The first problems in row order, each with where it is; the caller's transaction rolls back."""
-        first = con.execute(
-            f"""SELECT {staged.place("line")}, problems FROM checked
-                WHERE len(problems) > 0 ORDER BY line LIMIT {MAX_LISTED_ERRORS}"""
-        ).fetchall()
+        sql = f"""SELECT {staged.place("line")}, problems FROM checked
+                  WHERE len(problems) > 0 ORDER BY line LIMIT {MAX_LISTED_ERRORS}"""
+        first = con.execute(sql, _params(sql, **staged.params)).fetchall()
         shown = [f"{where}: {problem}" for where, problems in first for problem in problems]
         return _refusal(shown, outcome.problems, tip)

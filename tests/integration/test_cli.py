@@ -70,8 +70,8 @@ def test_bad_import_is_refused_whole_with_a_clear_message(env, tmp_path):
 
 def test_rollback_of_unknown_version_names_it(env):
     result = runner.invoke(app, ["rollback", "v9_20250101_000000"])
-    assert result.exit_code != 0
-    assert "v9_20250101_000000" in str(result.exception)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "v9_20250101_000000" in result.output
 
 
 def test_csv_import_skip_invalid_then_export_and_reimport_changes_nothing(env, tmp_path):
@@ -86,7 +86,7 @@ def test_csv_import_skip_invalid_then_export_and_reimport_changes_nothing(env, t
         writer.writerows({name: row.get(name) for name in writer.fieldnames} for row in rows)
 
     refused = runner.invoke(app, ["feedback", "import", str(path)])
-    assert refused.exit_code != 0 and "artifact_type" in str(refused.exception)
+    assert refused.exit_code == 2 and "artifact_type" in refused.output, refused.output
 
     skipped = runner.invoke(app, ["feedback", "import", str(path), "--skip-invalid"])
     assert skipped.exit_code == 0, skipped.output
@@ -100,6 +100,6 @@ def test_csv_import_skip_invalid_then_export_and_reimport_changes_nothing(env, t
     exported = runner.invoke(app, ["feedback", "export", str(tmp_path / "all.parquet")])
     assert exported.exit_code == 0 and "Exported 5 rows" in exported.output
     twice = runner.invoke(app, ["feedback", "export", str(tmp_path / "all.parquet")])
-    assert twice.exit_code != 0 and "--overwrite" in str(twice.exception)
+    assert twice.exit_code == 2 and "--overwrite" in twice.output, twice.output
     reimported = runner.invoke(app, ["feedback", "import", str(tmp_path / "all.parquet")])
     assert "Imported 0 rows" in reimported.output and "5 were already stored" in reimported.output
