@@ -3,11 +3,14 @@
 Both are trained in-process on synthetic meeting notes (`synthetic.py`), deterministically from a
 spec, and cached on disk under the spec's hash, so the product runs with no model hub. The base
 learns related tasks (notes -> outlines in indented, YAML and HTML layouts) and the bare syntax of the artifacts, never the
-notes -> artifact pairs themselves: that is left to fine-tuning. It knows nothing of versions or adapters.
+notes -> artifact pairs themselves: that is left to fine-tuning. The folder's name hashes the spec,
+not the files, so the sha256 of every file is recorded at build time (`files.sha256.json`) and
+checked whenever the base is used. It knows nothing of versions or adapters.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,16 +26,20 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from incremental.errors import ConfigurationError
+from incremental.layout import is_junk
 from incremental.synthetic import RELATED_TASKS, generate_cases, related_task_pairs
 
 logger = logging.getLogger("incremental")
 
 MARKER = "embedded.json"
 MARKER_SCHEMA_VERSION = 1
+# sha256 of every file that shapes the model's output, written just before the marker.
+FILE_HASHES = "files.sha256.json"
 # Bump when the recipe (corpus, tokenizer, training loop) changes, so old caches are not reused.
 RECIPE_VERSION = 2
 
@@ -111,9 +118,17 @@ def ensure_embedded_base(cache_dir: Path, spec: EmbeddedBaseSpec = EmbeddedBaseS
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / spec.fingerprint()
     if (final / MARKER).is_file():
+        check_base_files(final)
         return final
-    with FileLock(str(cache_dir / f"{spec.fingerprint()}.lock")):
+    lock = FileLock(str(cache_dir / f"{spec.fingerprint()}.lock"))
+    try:
+        with lock.acquire(timeout=0):
+            pass
+    except Timeout:  # only decides what to say: the wait itself is the `with` below
+        logger.info("[INCREMENTAL] Another process is building the embedded base in %s; waiting for it", final)
+    with lock:
         if (final / MARKER).is_file():  # another process built it while we waited
+            check_base_files(final)
             return final
         if final.exists():
             # Only a rename creates `final`, after the marker is written; a folder without it was
@@ -124,6 +139,7 @@ def ensure_embedded_base(cache_dir: Path, spec: EmbeddedBaseSpec = EmbeddedBaseS
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
         try:
             info = _build(spec, staging)
+            _record_file_hashes(staging)
             (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             staging.rename(final)
         except BaseException:  # interrupts too: a half-built staging folder must not survive
@@ -134,6 +150,61 @@ def ensure_embedded_base(cache_dir: Path, spec: EmbeddedBaseSpec = EmbeddedBaseS
         info["wall_seconds"], info["pretrain_loss"], info["prompt_gain"]["real"],
     )
     return final
+
+
+def _record_file_hashes(folder: Path) -> None:
+    hashes = {path.name: _sha256(path) for path in sorted(folder.iterdir()) if path.is_file()}
+    (folder / FILE_HASHES).write_text(json.dumps({"sha256": hashes}, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@functools.cache  # once per folder and process: the base is loaded several times per run
+def _warn_unchecked(folder: str) -> None:
+    logger.warning(
+        "[INCREMENTAL] The embedded base in %s has no %s (built by an older release), so its files "
+        "cannot be checked; delete the folder to rebuild it with hashes", folder, FILE_HASHES,
+    )  # fmt: skip
+
+
+def check_base_files(folder: Path) -> None:
+    """Refuse a base folder whose files differ from the hashes recorded when it was built.
+
+    A folder without `files.sha256.json` (not built here, or by an older release) is not checked.
+    ConfigurationError naming the file and the fix otherwise: a changed byte in the weights or the
+    tokenizer makes every adapter on this base produce garbage without any other error.
+    """
+    folder = Path(folder)
+    record = folder / FILE_HASHES
+    if not record.is_file():
+        if (folder / MARKER).is_file():
+            _warn_unchecked(str(folder))
+        return
+    fix = f"delete {folder} and it is rebuilt on next use (a few minutes on a CPU)"
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"the base model in {folder} is damaged: {FILE_HASHES} cannot be read ({exc}); {fix}") from exc
+    present = {
+        path.name: path
+        for path in folder.iterdir()
+        if path.name not in (FILE_HASHES, MARKER) and not is_junk(path.name)
+    }
+    for name in sorted(set(expected) | set(present)):
+        if name not in present:
+            problem = f"{name} is missing"
+        elif name not in expected:
+            problem = f"{name} was added after it was built"
+        elif present[name].is_symlink() or not present[name].is_file():
+            problem = f"{name} is a link or not a regular file"
+        elif _sha256(present[name]) != expected[name]:
+            problem = f"{name} changed after it was built (its sha256 does not match {FILE_HASHES})"
+        else:
+            continue
+        raise ConfigurationError(f"the base model in {folder} is damaged: {problem}; {fix}")
 
 
 def _build(spec: EmbeddedBaseSpec, out: Path) -> dict:

@@ -169,3 +169,35 @@ def test_default_tokenizer_keeps_sequences_short():
 def test_invalid_spec_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         EmbeddedBaseSpec(**{**TINY.__dict__, field: value})
+
+
+BUILD_ONE = """
+import json, logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from incremental.embedded import EmbeddedBaseSpec, ensure_embedded_base
+print(ensure_embedded_base(Path(sys.argv[1]), EmbeddedBaseSpec(**json.loads(sys.argv[2]))))
+"""
+
+
+def test_two_processes_build_into_one_cache_once_and_the_other_says_it_waits(tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    spec = json.dumps(dataclasses.asdict(TINY))
+    builders = [
+        subprocess.Popen([sys.executable, "-c", BUILD_ONE, str(tmp_path), spec], cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [builder.communicate(timeout=600) for builder in builders]
+    assert all(builder.returncode == 0 for builder in builders), [err[-2000:] for _, err in outputs]
+    paths = {out.strip() for out, _ in outputs}
+    logs = "\n".join(err for _, err in outputs)
+    assert len(paths) == 1
+    assert logs.count("Building the embedded base model") == 1
+    # The one that lost the race says so, unless it only arrived after the build had finished.
+    assert "waiting for it" in logs or logs.count("Embedded base model ready") == 1
+    embedded.check_base_files(Path(paths.pop()))  # every file as the builder wrote it: never a torn cache
