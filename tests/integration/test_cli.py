@@ -103,3 +103,22 @@ def test_csv_import_skip_invalid_then_export_and_reimport_changes_nothing(env, t
     assert twice.exit_code == 2 and "--overwrite" in twice.output, twice.output
     reimported = runner.invoke(app, ["feedback", "import", str(tmp_path / "all.parquet")])
     assert "Imported 0 rows" in reimported.output and "5 were already stored" in reimported.output
+
+
+def test_doctor_reports_a_crash_leftover_and_repair_removes_it(env):
+    import os
+    import time
+
+    folder = env.models_root / "tiny"
+    folder.mkdir(parents=True)
+    leftover = folder / ".current.json.999.tmp"
+    leftover.write_text("{}")
+    old = time.time() - 2 * 86400
+    os.utime(leftover, (old, old))
+
+    found = runner.invoke(app, ["doctor"])
+    assert found.exit_code == 0, found.output
+    assert ".current.json.999.tmp" in found.output and "yes (--repair)" in found.output
+    repaired = runner.invoke(app, ["doctor", "--repair"])
+    assert repaired.exit_code == 0 and "repaired: removed .current.json.999.tmp" in repaired.output
+    assert not leftover.exists() and "No problems found" in repaired.output
