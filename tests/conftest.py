@@ -175,3 +175,29 @@ def held_by_another_process(path: Path, seconds: float) -> Iterator[subprocess.P
         holder.wait()
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+def write_feedback_file(path: Path, rows: list[dict], *, ascii_json: bool = False) -> Path:
+    """The rows as JSONL, CSV or Parquet by the path's suffix, written as users' tools would write them.
+
+    A missing key is an empty CSV cell or a Parquet null; Parquet column types are inferred (a
+    column of nulls only is text).
+    """
+    import csv
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=ascii_json) + "\n" for row in rows), encoding="utf-8")
+    elif path.suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        columns = {name: pa.array([row.get(name) for row in rows]) for name in names}
+        pq.write_table(pa.table({name: a.cast(pa.string()) if pa.types.is_null(a.type) else a for name, a in columns.items()}), path)
+    return path

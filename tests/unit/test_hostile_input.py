@@ -9,7 +9,6 @@ Real DuckDB files and a tokenizer trained in-process on a few strings; no model,
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -21,8 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -34,7 +31,7 @@ from incremental.errors import InvalidFeedbackError
 from incremental.feedback import FeedbackStore
 from incremental.feedback.ingest import MAX_CLOCK_SKEW, MAX_FIELD_BYTES
 
-from conftest import feedback_row, ids_in
+from conftest import write_feedback_file, feedback_row, ids_in
 
 # Few examples each: the file runs in well under a minute; every example opens a real DuckDB file.
 FEW = settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -77,19 +74,7 @@ def read_back(store: FeedbackStore, row_id: str) -> dict:
     return store.rows("tiny", [row_id]).to_pylist()[0]
 
 
-def write_file(path: Path, rows: list[dict], *, ascii_json: bool = False) -> Path:
-    """The rows as JSONL, CSV or Parquet, by the path's suffix (the writers users would use)."""
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(row, ensure_ascii=ascii_json) + "\n" for row in rows), encoding="utf-8")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=names)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        pq.write_table(pa.table({name: pa.array([row.get(name) for row in rows], pa.string()) for name in names}), path)
-    return path
+write_file = write_feedback_file
 
 
 @contextmanager

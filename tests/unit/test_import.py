@@ -4,7 +4,6 @@ computed in SQL, and export round trips."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from datetime import UTC, datetime, timedelta, timezone
@@ -18,7 +17,7 @@ import pytest
 from incremental.errors import InvalidFeedbackError
 from incremental.feedback import FeedbackInput, FeedbackStore, split_for
 
-from conftest import MISSING, feedback_row, ids_in
+from conftest import write_feedback_file, MISSING, feedback_row, ids_in
 
 FORMATS = ("jsonl", "csv", "parquet")
 
@@ -44,19 +43,7 @@ def write_jsonl(path: Path, lines: list[object]) -> Path:
     return path
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    """The rows in the format of the path's suffix; a missing key is an empty CSV cell or a Parquet null."""
-    names = list(dict.fromkeys(name for r in rows for name in r))
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=names)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        pq.write_table(pa.table({name: [r.get(name) for r in rows] for name in names}), path)
-    return path
+write_rows = write_feedback_file
 
 
 def place(path: Path, index: int) -> str:
