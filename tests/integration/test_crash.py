@@ -26,9 +26,12 @@ from incremental.synthetic import synthetic_feedback
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The gate accepts whatever trains (margins far above any change): these tests are about what a crash
+# leaves behind, and a crash while the pointer moves needs a candidate that is promoted.
 FAST = RunConfig(
     train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=320),
-    gate=GatePolicy(prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1, generation_rows=2,
+    gate=GatePolicy(target_nll=MetricRule(margin=100.0), prompt_gain=MetricRule(margin=100.0, gated=False),
+                    preference_margin=MetricRule(margin=100.0), min_eval_examples=1, generation_rows=2,
                     max_new_tokens=16, screening=ScreeningPolicy(enabled=False)),
 )  # fmt: skip
 
