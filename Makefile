@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration lint benchmark clean
+.PHONY: install demo test test-unit test-integration browser lint benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
+
+# The browser tests (tests/server/test_browser.py) drive Debian's Chromium, never a browser Playwright
+# downloads. Without it they are skipped, except in CI (.ci/run runs this first). Needs root or sudo.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then echo "browser: $(CHROMIUM) is installed"; exit 0; fi; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	log=$$(mktemp); \
+	if ! apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]'; then \
+	  echo "browser: apt-get update"; \
+	  $$sudo apt-get update -qq >$$log 2>&1 || { cat $$log; exit 1; }; \
+	fi; \
+	echo "browser: apt-get install --no-install-recommends chromium"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >$$log 2>&1 \
+	  || { cat $$log; exit 1; }; \
+	rm -f $$log; [ -x $(CHROMIUM) ] || { echo "browser: $(CHROMIUM) still missing"; exit 1; }; \
+	echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

@@ -1,0 +1,214 @@
+"""The Prefect UI in a real browser against `incremental serve`: what a person clicks to start and
+judge a retrain.
+
+Debian's Chromium (`/usr/bin/chromium`, package `chromium`) driven by Playwright's sync API; never a
+browser Playwright downloads. Without the browser (or the `playwright` package) these tests are
+skipped with the reason, except in CI (`CI` or `INCREMENTAL_REQUIRE_BROWSER=1` set), where they fail:
+`.ci/run` installs the browser first (`make browser`).
+
+Every step saves a full-page screenshot in the test's tmp_path, and copies it to
+`$INCREMENTAL_SCREENSHOTS_DIR` when that is set, for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless on a machine with no screen, no GPU and a closed network: without the background
+# flags Chromium keeps trying Google's hosts.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# The machine is shared and slow; the UI is a single-page app that loads its data after the page.
+UI_TIMEOUT_MS = 120_000
+VIEWPORT = {"width": 1400, "height": 1000}
+TALLEST_SHOT_PX = 12_000
+VERDICT_KEY = "retrain-tiny"
+T = TypeVar("T")
+
+
+def outer_env(name: str) -> str | None:
+    """`name` as the test run was started with it. tests/conftest.py removes every INCREMENTAL_*
+    variable from os.environ (settings must not leak into tests), so read the process's initial
+    environment as well."""
+    if name in os.environ:
+        return os.environ[name]
+    try:
+        initial = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{name}=".encode()
+    return next((entry[len(prefix):].decode(errors="replace") for entry in initial if entry.startswith(prefix)), None)
+
+
+def browser_required() -> bool:
+    """In CI a missing browser is a failure, not a skip."""
+    ci = (outer_env("CI") or "").strip().lower()
+    return ci not in ("", "0", "false", "no") or outer_env("INCREMENTAL_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium under Playwright, once per session. Listed first in a test's arguments, so
+    a machine without it skips before the Prefect server starts."""
+    missing = None
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} not found: install Debian's `chromium` package (`make browser`, as root)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "the `playwright` package is not installed: pip install -e '.[dev]'"
+    if missing:
+        if browser_required():
+            pytest.fail(f"browser tests must run in CI: {missing}")
+        pytest.skip(missing)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=UI_TIMEOUT_MS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(chromium) -> Iterator:
+    context = chromium.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def shoot(page, tmp_path, request):
+    """shoot(name): a full-page screenshot `<test>-<name>.png` in tmp_path (and $INCREMENTAL_SCREENSHOTS_DIR)."""
+    extra = outer_env("INCREMENTAL_SCREENSHOTS_DIR")
+
+    def shoot(name: str) -> Path:
+        # The UI scrolls inside a container, not the document, so a "full page" capture would stop at
+        # the window: grow the window to the tallest scrolled content first.
+        height = page.evaluate(
+            """() => Math.max(document.documentElement.scrollHeight,
+                 ...Array.from(document.querySelectorAll('*'), e => {
+                     const overflow = getComputedStyle(e).overflowY;
+                     return (overflow === 'auto' || overflow === 'scroll') ? e.scrollHeight : 0; }))"""
+        )
+        page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], min(height, TALLEST_SHOT_PX))})
+        page.wait_for_timeout(300)  # let the layout settle at the new size
+        path = tmp_path / f"{request.node.name}-{name}.png"
+        page.screenshot(path=path, full_page=True)
+        page.set_viewport_size(VIEWPORT)
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, Path(extra) / path.name)
+        return path
+
+    return shoot
+
+
+def retry_busy(call: Callable[[], T], attempts: int = 6) -> T:
+    """`call()`, again after a pause when the server answers 503: Prefect's answer to an error a
+    client may retry, such as SQLite's `database is locked` on a busy machine (Prefect's own client
+    retries these too)."""
+    import httpx
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def field_label(key: str, prop: dict) -> str:
+    """The label the UI's schema form shows for a property: its title, or the key in title case."""
+    return prop.get("title") or " ".join(word.capitalize() for word in key.split("_"))
+
+
+def form_property(scope, label: str):
+    """The innermost form property in `scope` (a page or a property) whose label starts with `label`
+    (the UI shows e.g. 'Lora (Optional)'). The schema form labels no input for assistive technology,
+    so this goes by the form's own classes."""
+    page = getattr(scope, "page", scope)
+    heading = page.locator(".schema-form-property__label").filter(has_text=re.compile(rf"^{re.escape(label)}\b"))
+    return scope.locator(".schema-form-property").filter(has=heading).last
+
+
+def test_custom_run_form_shows_the_run_config(chromium, prefect_server, served, page, shoot):
+    from playwright.sync_api import expect
+
+    schema = prefect_server.deployment("retrain/manual-tiny")["parameter_openapi_schema"]
+    sections = {key: field_label(key, prop) for key, prop in schema["definitions"]["RunConfig"]["properties"].items()}
+    assert set(sections) == {"lora", "train", "data", "gate"}, sections
+
+    # Deployments → manual-tiny → Run → Custom run, as a person clicks it.
+    page.goto(f"{prefect_server.url}/deployments")
+    page.get_by_role("link", name="manual-tiny", exact=True).first.click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/[0-9a-f-]+"))
+    expect(page.get_by_text("Entrypoint", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("button", name="Custom run", exact=True).click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/[0-9a-f-]+/run"))
+
+    expect(page.get_by_role("button", name="Submit", exact=True)).to_be_visible()
+    for key, prop in schema["properties"].items():  # model, config, and whatever else the flow takes
+        expect(form_property(page, field_label(key, prop))).to_be_visible()
+    # The deployment's parameter, prefilled.
+    expect(form_property(page, field_label("model", schema["properties"]["model"])).get_by_role("textbox")).to_have_value("tiny")
+    for label in sections.values():
+        expect(form_property(page, label)).to_be_visible()
+    # A field of each section, with its default from incremental/config.py.
+    for section, field, value in [("Lora", "R", "16"), ("Train", "Epochs", "4"), ("Data", "Min New Rows", "1")]:
+        expect(form_property(form_property(page, section), field).get_by_role("spinbutton")).to_have_value(value)
+    expect(form_property(form_property(page, "Gate"), "Screening")).to_be_visible()
+    shoot("form")
+
+
+def test_finished_run_page_shows_its_verdict_artifact(chromium, prefect_server, served, fast_config, page, shoot):
+    from playwright.sync_api import expect
+
+    prefect_server.add_feedback(30, 7301)
+    created = retry_busy(lambda: prefect_server.create_run("retrain/manual-tiny", {"config": fast_config}))
+    run = retry_busy(lambda: prefect_server.wait(created["id"], logs=served))
+    state = run["state"]
+    assert state["type"] == "COMPLETED" and state["name"] in ("Completed", "Rejected"), (
+        f"{state}\n{prefect_server.log_text(created['id'])}"
+    )
+    verdicts = [a for a in prefect_server.artifacts(created["id"]) if a["key"] == VERDICT_KEY]
+    assert len(verdicts) == 1, prefect_server.artifacts(created["id"])
+    headline = verdicts[0]["description"]
+
+    page.goto(f"{prefect_server.url}/runs/flow-run/{created['id']}")
+    for text in (run["name"], state["name"], "manual-tiny"):  # heading, state badge, deployment link
+        expect(page.get_by_text(text, exact=True).filter(visible=True).first).to_be_visible()
+    # The Logs tab (the default one) shows the training's progress lines.
+    expect(page.get_by_text(re.compile(r"\[INCREMENTAL\] step \d+/\d+ loss")).first).to_be_visible()
+    shoot("run")
+
+    page.get_by_text("Artifacts", exact=True).click()
+    card = page.get_by_role("link").filter(has=page.get_by_text(VERDICT_KEY, exact=True))
+    expect(card).to_be_visible()
+    shoot("artifacts-tab")
+
+    card.click()
+    page.wait_for_url(re.compile(r"/artifacts/artifact/[0-9a-f-]+"))
+    expect(page.get_by_text(re.compile(r"^Gate verdict: (accept|reject|inconclusive)", re.IGNORECASE)).first).to_be_visible()
+    expect(page.get_by_text(headline, exact=True).filter(visible=True).first).to_be_visible()
+    expect(page.get_by_role("cell", name="target_nll", exact=True).first).to_be_visible()
+    shoot("artifact")
