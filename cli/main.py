@@ -10,12 +10,15 @@ Everything printed that a user or a file supplied goes through `_safe`: Rich mar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
 import sys
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import duckdb
 import typer
@@ -24,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.markdown import Markdown
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from incremental.errors import ConfigurationError, IncrementalError
 from incremental.feedback import FeedbackStore
@@ -48,6 +51,15 @@ class _OneLineErrors(TyperGroup):
     """The top command group: an error a user can fix (`_user_error`) becomes one `error:` line and exit
     code 2, under CliRunner as in a terminal; any other exception is re-raised with its traceback."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _flags_without_a_value(self)
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        _flags_without_a_value(self)  # again: typer adds the --*-completion flags after __init__
+        return params
+
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -58,6 +70,18 @@ class _OneLineErrors(TyperGroup):
             # soft_wrap: a long path or problem list stays whole for grep, whatever the width.
             console.print(f"[red]error:[/] {_safe(message)}", soft_wrap=True)
             raise typer.Exit(2) from None
+
+
+def _flags_without_a_value(command: typer.core.TyperCommand | TyperGroup) -> None:
+    """Help shows a flag (`--json`, `--help`) bare and a value option with a named value (`--limit LIMIT`):
+    typer's own help column shows a type for every option (`<bool>`, `<int range>`), as if a flag took one."""
+    help_option = command.get_help_option(typer.Context(command))  # made once per command and cached there
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if isinstance(param, TyperOption) and param.metavar is None:
+            choices = param.type_descriptor.choices if param.type_descriptor.is_choice else None
+            param.metavar = "" if param.is_flag else "|".join(map(str, choices)) if choices else param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _flags_without_a_value(sub)
 
 
 def _user_error(error: Exception) -> str | None:
@@ -86,6 +110,7 @@ app.add_typer(gate_app, name="gate")
 # Wide enough for the version table when the output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
 ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (default: INCREMENTAL_MODEL).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts instead of text and tables.")]
 
 
 def _settings() -> Settings:
@@ -108,12 +133,16 @@ def _settings() -> Settings:
 
 def _context(model: str | None) -> tuple[Settings, str]:
     settings = _settings()
+    _check_model_option(model, settings)
+    return settings, model or settings.model
+
+
+def _check_model_option(model: str | None, settings: Settings) -> None:
     if model is not None and not MODEL_NAME.match(model):
         raise CliInputError(
             f"--model {_shown(model)}: not a model name; use 1-64 lowercase letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit (e.g. {settings.model!r})"
         )
-    return settings, model or settings.model
 
 
 def _store(settings: Settings) -> FeedbackStore:
@@ -144,13 +173,28 @@ def _main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide the [I
 
 
 @app.command()
-def status(model: ModelOption = None) -> None:
+def status(model: ModelOption = None, as_json: JsonOption = False) -> None:
     """Mode (Base or Incremental), current version, lineage and pending feedback."""
     settings, model = _context(model)
     store = _store(settings)  # first: a database that cannot be opened is the only line printed
     registry = Registry(settings.models_root, model)
     current = registry.current()
     lineage = registry.lineage(current) if current else []
+    if as_json:
+        counts = store.counts(model, lineage, trusted_before=_accepted_at(registry, current))
+        _print_json(
+            {
+                "model": model,
+                "mode": "incremental" if current else "base",
+                "base_model": str(settings.base_model),
+                "current": current,
+                "lineage": lineage,
+                "problems": registry.verify(current) if current else [],
+                "interrupted": registry.interrupted(),
+                "feedback": dataclasses.asdict(counts),
+            }
+        )
+        return
     if current is None:
         console.print(
             f"🆕 [bold]Base Mode[/]: no accepted version of [bold]{_safe(model)}[/]; the next training starts from the "
@@ -203,9 +247,14 @@ def _accepted_at(registry: Registry, version: str | None):
 def versions(
     model: ModelOption = None,
     explain: Annotated[Optional[str], typer.Option(help="Explain one version's gate verdict: data, per-metric intervals, reasons.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """All versions: parent, status, which is current, score changes against the parent."""
     settings, model = _context(model)
+    if as_json:
+        registry = Registry(settings.models_root, model)
+        _print_json(_verdict_record(registry, explain) if explain is not None else [dataclasses.asdict(row) for row in version_table(registry)])
+        return
     if explain is not None:
         # Markdown has no Rich markup: the explanation's text is printed as it is.
         from incremental.reporting import explain_version
@@ -217,6 +266,45 @@ def versions(
         console.print(f"No versions of {_safe(model)} yet. Run `incremental run` after adding feedback.")
         return
     console.print(render_version_table(rows, title=f"Versions of {_safe(model)}"))
+
+
+def _verdict_record(registry: Registry, name: str) -> dict[str, Any]:
+    """What `versions --explain` shows, as data: the manifest's data counts, gate verdict, checks and promotion."""
+    info = registry.get(name)
+    manifest = info.manifest
+    data, gate = manifest.data, manifest.gate
+    return {
+        "name": manifest.name,
+        "model": manifest.model,
+        "parent": manifest.parent,
+        "status": manifest.status,
+        "current": info.is_current,
+        "created_at": manifest.created_at,
+        "finalized_at": manifest.finalized_at,
+        "base_model": manifest.base_model.model_dump(),
+        "data": {
+            "new": len(data.new_ids),
+            "replay": len(data.replay_ids),
+            "eval": len(data.eval_ids),
+            "rejected": len(data.rejected_ids),
+            "arrived_with_batch": len(data.arrived_with_batch_ids),
+            "screened": len(data.screened_ids),
+            "dataset_hash": data.dataset_hash,
+            "eval_snapshot_hash": data.eval_snapshot_hash,
+        },
+        "scores": manifest.scores,
+        "gate": {
+            "verdict": gate.verdict,
+            "reasons": list(gate.reasons),
+            "checks": list(gate.checks),
+            "held": len(gate.held_ids),
+            "evaluation": gate.evaluation,
+        },
+        "promotion": None if manifest.promotion is None else {
+            "decision": manifest.promotion.decision, "state": info.promotion_state, "reason": manifest.promotion.reason,
+        },
+        "problems": registry.verify(name),
+    }
 
 
 def render_version_table(rows: list[VersionRow], title: str) -> Table:
@@ -244,10 +332,10 @@ def doctor(
     repair: Annotated[bool, typer.Option("--repair", help="Apply the safe fixes (leftovers of dead runs, lost history lines).")] = False,
 ) -> None:
     """Check the versions, pointer, history and staging of a model against the registry's invariants."""
+    settings, model = _context(model)
     from incremental.doctor import diagnose
     from incremental.doctor import repair as apply_repairs
 
-    settings, model = _context(model)
     db_path = settings.db_path if settings.db_path.is_file() else None
 
     def check():
@@ -279,7 +367,7 @@ def doctor(
 def rollback(
     version: Annotated[str, typer.Argument(help="Version to make current, or 'base' for base mode.")],
     model: ModelOption = None,
-    force: Annotated[bool, typer.Option(help="Allow a version the gate rejected.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow a version the gate rejected.")] = False,
     reason: Annotated[str, typer.Option(help="Why; kept in the history.")] = "",
 ) -> None:
     """Make an accepted version current again; the next training builds on it."""
@@ -376,6 +464,7 @@ def feedback_export(
 ) -> None:
     """Write every feedback row, with all its columns, to Parquet or JSONL; `feedback import` reads it back."""
     settings = _settings()
+    _check_model_option(model, settings)
     try:
         written = _store(settings).export(file, model=model, overwrite=overwrite)
     except IncrementalError:  # already says what to do (an existing file is also an OSError)
@@ -473,6 +562,7 @@ def feedback_held(model: ModelOption = None, limit: Annotated[int, typer.Option(
 def dataset_preview(
     model: ModelOption = None,
     examples: Annotated[int, typer.Option(help="How many new rows to show.", min=0)] = 3,
+    as_json: JsonOption = False,
 ) -> None:
     """Counts of new, replay and eval rows the next run would use, and a few new rows."""
     from incremental.config import RunConfig
@@ -481,6 +571,9 @@ def dataset_preview(
     registry = Registry(settings.models_root, model)
     current = registry.current()
     collected, plan = _next_run_data(settings, model, registry, current, RunConfig())
+    if as_json:
+        _print_json(_preview_record(model, current, collected, plan, examples))
+        return
     n_trusted = sum(collected.eval.column("trusted").to_pylist())
     console.print(
         f"Next run for {_safe(model)} (builds on {_safe(current or 'base model')}): "
@@ -496,6 +589,44 @@ def dataset_preview(
     for row in collected.new.slice(0, examples).to_pylist():
         table.add_row(_safe(row["id"][:8]), _safe(row["artifact_type"]), _safe(_clip(row["prompt"])), _safe(_clip(row["target"])))
     console.print(table)
+
+
+def _preview_record(model: str, current: str | None, collected, plan, examples: int) -> dict[str, Any]:
+    """What `dataset preview` shows, as data: the counts (in all and per artifact type) and the sample's ids."""
+    from incremental.dataset import GOLDEN_SLICE
+
+    by_type: dict[str, dict[str, int]] = {}
+
+    def count(artifact_type: str, bucket: str) -> None:
+        buckets = by_type.setdefault(artifact_type, dict.fromkeys(_PREVIEW_BUCKETS, 0))
+        buckets[bucket] += 1
+
+    train, evaluation = plan.train.to_pydict(), plan.eval.to_pydict()
+    for artifact_type, role in zip(train["artifact_type"], train["role"]):
+        count(artifact_type, role)  # new | replay
+    for artifact_type, kind, trusted, slice_ in zip(evaluation["artifact_type"], evaluation["kind"], evaluation["trusted"], evaluation["slice"]):
+        if slice_ == GOLDEN_SLICE:
+            count(artifact_type, "golden")
+        elif kind == "rejected":
+            count(artifact_type, "rejected")
+        else:
+            count(artifact_type, "eval_trusted" if trusted else "eval_new")
+    for artifact_type in collected.held.column("artifact_type").to_pylist():
+        count(artifact_type, "held")
+    totals = {bucket: sum(counts[bucket] for counts in by_type.values()) for bucket in _PREVIEW_BUCKETS}
+    return {
+        "model": model,
+        "builds_on": current,
+        "counts": {**totals, "eval": totals["eval_trusted"] + totals["eval_new"], "excluded": collected.n_excluded},
+        "available": {"eval": collected.available.get("eval", 0), "rejected": collected.available.get("rejected", 0)},
+        "by_artifact_type": dict(sorted(by_type.items())),
+        "sample_ids": collected.new.column("id").to_pylist()[:examples],
+    }
+
+
+# The buckets of `dataset preview --json` per artifact type; `excluded` rows are counted, not fetched, so
+# they have no type. new/replay train; eval_trusted judges; eval_new (arrived since the parent) is reported only.
+_PREVIEW_BUCKETS = ("new", "replay", "eval_trusted", "eval_new", "rejected", "golden", "held")
 
 
 @dataset_app.command("rebuild")
@@ -537,7 +668,7 @@ def dataset_rebuild(
 @gate_app.command("calibrate")
 def gate_calibrate(
     model: ModelOption = None,
-    config: Annotated[Optional[Path], typer.Option(help="JSON run config whose gate policy to calibrate (default: the defaults).")] = None,
+    config: Annotated[Optional[Path], typer.Option(metavar="FILE", help="JSON run config whose gate policy to calibrate (default: the defaults).")] = None,
 ) -> None:
     """Score the current version against itself (two bootstrap seeds, two greedy samples): the gate's noise floor."""
     run_config = _read_config(config)  # before the model stack is imported: a bad file answers at once
@@ -611,20 +742,151 @@ def _read_config(path: Path | None):
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: ModelOption = None,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file with run config fields (lora, train, data, gate).")] = None,
+    config: Annotated[Optional[Path], typer.Option(metavar="FILE", help="JSON file with run config fields (lora, train, data, gate).")] = None,
+    on_busy: Annotated[
+        Literal["wait", "skip"], typer.Option(help="When another run of this model holds its retrain slot: wait for it, or end Skipped.")
+    ] = "wait",
+    busy_timeout: Annotated[
+        Optional[float], typer.Option(metavar="MINUTES", min=0, help="How long to wait for the slot before ending Skipped (default: the flow's, 6 h).")
+    ] = None,
 ) -> None:
     """Run the retrain flow once, locally (a temporary Prefect API unless PREFECT_API_URL is set)."""
     # Checked before the flow is imported: a bad --model, setting or config file answers at once.
     _context(model)
     run_config = _read_config(config)
+    from prefect.logging.handlers import APILogWorker
+
     from cli.prefect_api import prefect_api
+    # Importing the flow sets up Prefect's logging: its console handlers exist from here on.
     from flows.retrain import retrain
 
-    # The temporary server, if one is needed, stops with this process, even when it is killed.
-    with prefect_api():
-        summary = retrain(model=model, config=run_config)
+    chatter = _PrefectChatter(quiet=bool(ctx.find_root().params.get("quiet")))
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(chatter)
+    waiting = {} if busy_timeout is None else {"busy_timeout_minutes": busy_timeout}
+    try:
+        # The temporary server, if one is needed, stops with this process, even when it is killed.
+        with prefect_api():
+            state = retrain(model=model, config=run_config, on_busy=on_busy, **waiting, return_state=True)
+            APILogWorker.drain_all(timeout=5)  # the run's last log lines reach the API before a temporary one stops
+    finally:
+        for handler in handlers:
+            handler.removeFilter(chatter)
+    summary = state.result()  # a failed run raises its error here: one `error:` line if a user can fix it
     console.print(_safe(summary.headline()))
+    console.print(f"Final state: {_safe(state.name or state.type.value)}")
+
+
+class _PrefectChatter(logging.Filter):
+    """Keeps Prefect's bookkeeping lines about each run and task (beginning, `Finished in state ...`,
+    `View at ...`) off the terminal of `incremental run`; the Prefect API still gets them. Warnings and
+    errors always pass; with --quiet, so does nothing else from Prefect's run loggers."""
+
+    _BOOKKEEPING = re.compile(r"(Beginning (flow|subflow) run|Created (flow|subflow|task) run|Finished in state|View at) ")
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or not record.name.startswith("prefect"):
+            return True
+        if self.quiet and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return False
+        return not self._BOOKKEEPING.match(record.getMessage())
+
+
+@app.command()
+def runs(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model's runs (default: every model's).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs to show, newest first.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Recent runs of the retrain flow on the Prefect server (PREFECT_API_URL): state, model, deployment, timing."""
+    settings = _settings()
+    _check_model_option(model, settings)
+    import httpx
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigurationError(
+            "PREFECT_API_URL is not set: the runs are kept by a Prefect server; start one with `prefect server start` and "
+            "set PREFECT_API_URL=http://127.0.0.1:4200/api (a plain `incremental run` uses a temporary server that keeps none)"
+        )
+    found = []
+    try:
+        with get_client(sync_client=True) as client:
+            # The model is a run parameter, which the API cannot filter on: pages are read until `limit` runs match.
+            page, offset = max(limit, 100), 0
+            while len(found) < limit:
+                batch = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])), sort=FlowRunSort.START_TIME_DESC,
+                    limit=page, offset=offset,
+                )  # fmt: skip
+                found += [flow_run for flow_run in batch if model is None or _run_model(flow_run, settings) == model]
+                if len(batch) < page:
+                    break
+                offset += page
+            found = found[:limit]
+            deployment_ids = list({flow_run.deployment_id for flow_run in found if flow_run.deployment_id})
+            deployments = client.read_deployments(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids))) if deployment_ids else []
+    except httpx.HTTPError as error:
+        raise ConfigurationError(
+            f"PREFECT_API_URL={url}: cannot read the runs ({type(error).__name__}: {error}); start the server with "
+            "`prefect server start`, or point PREFECT_API_URL at a running one"
+        ) from None
+    names = {deployment.id: deployment.name for deployment in deployments}
+    rows = [
+        {
+            "id": str(flow_run.id),
+            "name": flow_run.name,
+            "state": flow_run.state_name,
+            "state_type": flow_run.state_type.value if flow_run.state_type else None,
+            "model": _run_model(flow_run, settings),
+            "deployment": names.get(flow_run.deployment_id, str(flow_run.deployment_id)) if flow_run.deployment_id else None,
+            "start_time": flow_run.start_time,
+            "duration_seconds": round(flow_run.estimated_run_time.total_seconds(), 1),
+            "message": flow_run.state.message if flow_run.state else None,
+        }
+        for flow_run in found
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print(f"No runs of the retrain flow{f' for {_safe(model)}' if model else ''} on {_safe(url)} yet.")
+        return
+    table = Table(title=f"Retrain runs on {_safe(url)}, newest first")
+    for column in ("run", "state", "model", "deployment", "started", "duration", "message"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            _safe(row["name"]), _safe(row["state"] or "—"), _safe(row["model"]), _safe(row["deployment"] or "—"),
+            row["start_time"].strftime("%Y-%m-%d %H:%M:%S") if row["start_time"] else "—",
+            _duration(timedelta(seconds=row["duration_seconds"])), _safe(_clip(row["message"] or "", 80)),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _run_model(flow_run, settings: Settings) -> str:
+    """The model a retrain run was for: its `model` parameter, or (None) the default model of these settings."""
+    return (flow_run.parameters or {}).get("model") or settings.model
+
+
+def _duration(elapsed: timedelta) -> str:
+    seconds = int(elapsed.total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @app.command()
@@ -633,9 +895,9 @@ def serve(
     timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule (03:30 local).")] = "UTC",
 ) -> None:
     """Serve the nightly and manual deployments from this process (needs a Prefect server: PREFECT_API_URL)."""
+    model = _context(model)[1]
     from deployments.retrain import serve_deployments
 
-    settings, model = _context(model)
     serve_deployments(model, timezone)
 
 
@@ -653,6 +915,16 @@ def demo(
 def main() -> None:
     """The `incremental` entry point: exit code 0, 1 for a failed check (rebuild), 2 for a user error."""
     app()
+
+
+def _print_json(document: object) -> None:
+    """One JSON document on stdout and nothing else (log lines go to stderr). ASCII only: no text a user
+    supplied can act on a terminal, and every tool reads it back as it was."""
+    typer.echo(json.dumps(document, indent=2, default=_json_value))
+
+
+def _json_value(value: object) -> object:
+    return value.isoformat() if isinstance(value, (datetime, date)) else str(value)
 
 
 def _number(value: float | None, signed: bool = False) -> str:

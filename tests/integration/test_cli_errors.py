@@ -134,6 +134,38 @@ def test_bad_arguments_are_one_line(seeded: Path, args: list[str], named: list[s
     assert_one_line(done, *(name.format(tmp=seeded) for name in named))
 
 
+# Every command that takes --model, with the other arguments it needs to get that far.
+MODEL_COMMANDS = [
+    ["status"], ["status", "--json"], ["versions"], ["versions", "--json"], ["doctor"], ["rollback", "base"], ["run"], ["runs"],
+    ["serve"], ["feedback", "add", "-t", "erd", "--rating", "good", "--notes", "{tmp}/n.txt", "--output", "{tmp}/n.txt"],
+    ["feedback", "import", "{tmp}/none.jsonl"], ["feedback", "export", "{tmp}/out.jsonl"], ["feedback", "held"],
+    ["feedback", "release", "--ids", "seed-0"], ["feedback", "exclude", "--ids", "seed-0"], ["feedback", "include", "--ids", "seed-0"],
+    ["dataset", "preview"], ["dataset", "preview", "--json"], ["dataset", "rebuild", "v1_20250101_000000"], ["gate", "calibrate"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=[" ".join(command) for command in MODEL_COMMANDS])
+def test_a_model_name_that_is_a_path_is_refused_by_every_command(seeded: Path, command: list[str]) -> None:
+    (seeded / "n.txt").write_text("notes")
+    args = [arg.format(tmp=seeded) for arg in command]
+    assert_one_line(run_cli(seeded, *args, "--model", "../x", PREFECT_API_URL="http://127.0.0.1:9/api"), "--model '../x': not a model name")
+    assert not (seeded / "out.jsonl").exists()
+
+
+def test_runs_without_a_prefect_api_says_how_to_get_one(seeded: Path) -> None:
+    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", "runs"],
+        capture_output=True, text=True, timeout=120, env={**environment, "INCREMENTAL_DB_PATH": str(seeded / "feedback.duckdb")},
+    )  # fmt: skip
+    assert_one_line(done, "PREFECT_API_URL is not set", "prefect server start")
+
+
+def test_runs_with_an_unreachable_prefect_api_names_it(seeded: Path) -> None:
+    done = run_cli(seeded, "runs", "--json", PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert_one_line(done, "PREFECT_API_URL=http://127.0.0.1:9/api: cannot read the runs", "prefect server start")
+
+
 # -- a broken --config ------------------------------------------------------------------------------
 
 
