@@ -10,14 +10,20 @@ where possible. Knows nothing about thresholds (the gate) or the database (the c
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from incremental import layout
 from incremental.artifacts import check_artifact, content_f1
 from incremental.config import GatePolicy
 from incremental.dataset import DatasetSnapshot
@@ -26,7 +32,12 @@ from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
 from incremental.scoring import Triple, generate_greedy, partner_notes, partner_pool, score_triples, scorer_id, triple_hash
 from incremental.statistics import weighted_mean
 
-__all__ = ["EvalPlan", "EvalResult", "ModelScores", "evaluate_pair", "evidence_from_table", "plan_evaluation", "plan_for"]
+__all__ = [
+    "EvalPlan", "EvalResult", "ModelScores", "ScoreCache", "evaluate_candidate", "evaluate_pair",
+    "evidence_from_table", "plan_evaluation", "plan_for",
+]  # fmt: skip
+
+log = logging.getLogger("incremental")
 
 SCORE_COLUMNS = ("id", "slice", "metric", "candidate", "parent", "weight")
 
@@ -193,6 +204,66 @@ def evaluate_pair(
         parent_cached=total - computed,
         wall_seconds=round(time.perf_counter() - started, 2),
     )
+
+
+class ScoreCache(Protocol):
+    """Where finished versions' per-example scores are kept between runs (the feedback store)."""
+
+    def cached_scores(self, model: str, version: str, scorer: str, hashes: Sequence[str]) -> dict[str, tuple]: ...
+
+    def cache_scores(self, model: str, version: str, scorer: str, entries: Mapping[str, tuple]) -> None: ...
+
+
+def evaluate_candidate(
+    base: ResolvedBase,
+    hardware: Hardware,
+    *,
+    model_name: str,
+    candidate_dir: Path,
+    candidate_name: str,
+    parent_name: str | None,
+    parent_adapter: Path | None,
+    snapshot: DatasetSnapshot,
+    policy: GatePolicy,
+    max_length: int,
+    cache: ScoreCache,
+) -> EvalResult | GateEvidence:
+    """The evaluation stage, failing closed: candidate and parent scored on the same snapshot, the
+    parent from `cache` where possible, `scores.parquet` written beside the candidate's adapter, both
+    models' scores cached for later runs.
+
+    When anything breaks (out of memory, a bad adapter, a metric bug) the result is a `GateEvidence`
+    carrying the error instead of an exception: the gate rejects on it, and the candidate is finalized
+    as rejected with that reason, not lost.
+    """
+    scorers = (nll_scorer(hardware, max_length), generation_scorer(hardware, max_length, policy.max_new_tokens))
+    try:
+        plan = plan_for(snapshot, policy, first_version=parent_name is None)
+        parent_cache = None
+        if parent_name is not None:
+            nll = cache.cached_scores(model_name, parent_name, scorers[0], [triple_hash(*t) for t in plan.triples()])
+            texts = cache.cached_scores(model_name, parent_name, scorers[1], list(plan.generation_prompts()))
+            parent_cache = ModelScores(nll={h: v[:2] for h, v in nll.items()}, generations={h: v[2] for h, v in texts.items()})
+        result = evaluate_pair(
+            base, hardware, candidate_dir, parent_adapter, snapshot,
+            policy=policy, max_length=max_length, parent_cache=parent_cache, plan=plan,
+        )  # fmt: skip
+        pq.write_table(result.table, candidate_dir / layout.SCORES)
+    # Broad on purpose: whatever breaks evaluation must reach the gate as a recorded reason.
+    except Exception as error:  # noqa: BLE001
+        log.error("[INCREMENTAL] Evaluation failed:\n%s", traceback.format_exc())
+        return GateEvidence(snapshot.eval_snapshot_hash, parent_name is None, {}, error=f"{type(error).__name__}: {error}")
+    # Both models' scores are kept: the candidate, once accepted, is the next run's parent.
+    for version, scores in ((parent_name, result.parent), (candidate_name, result.candidate)):
+        if version is None:
+            continue
+        cache.cache_scores(model_name, version, scorers[0], {h: (*v, None) for h, v in scores.nll.items()})
+        cache.cache_scores(model_name, version, scorers[1], {h: (None, None, text) for h, text in scores.generations.items()})
+    log.info(
+        "[INCREMENTAL] Evaluated in %.1f s: %d parent scores computed, %d from the cache",
+        result.wall_seconds, result.parent_scored, result.parent_cached,
+    )  # fmt: skip
+    return result
 
 
 def per_example_table(plan: EvalPlan, candidate: ModelScores, parent: ModelScores) -> pa.Table:

@@ -89,6 +89,15 @@ def locate_base(ref: BaseModelRef, settings: Settings) -> ResolvedBase:
     return built
 
 
+def resolve_base_for(settings: Settings, parent_name: str | None, parent_base: BaseModelRef | None) -> ResolvedBase:
+    """The base named by the settings (built on first use if embedded), refused unless it is the
+    parent's: an adapter only continues on the base it was trained on."""
+    base = resolve_base(settings)
+    if parent_name is not None and parent_base is not None:
+        check_same_base(parent_base, base.ref, parent_name)
+    return base
+
+
 def check_same_base(parent_base: BaseModelRef, current: BaseModelRef, parent_name: str) -> None:
     """An adapter only fits the exact base it was trained on; refuse a mismatch before training."""
     if (parent_base.id, parent_base.revision) != (current.id, current.revision):

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from incremental import layout
 from incremental.errors import RegistryError
-from incremental.manifest import Manifest, PromotionRecord
+from incremental.manifest import BaseModelRef, Manifest, PromotionRecord
 
 __all__ = ["FinalizeResult", "PromotionState", "Registry", "Reservation", "RollbackResult", "VersionInfo"]
 
@@ -97,6 +97,18 @@ class FinalizeResult:
     reason: str
     path: Path
     interrupted: tuple[str, ...] = ()
+    current: str | None = None  # the current version after finalize (the candidate when promoted)
+
+
+@dataclass(frozen=True)
+class ParentVersion:
+    """The accepted version a run continues from; all None/empty in Base Mode."""
+
+    name: str | None
+    adapter_dir: Path | None
+    lineage: tuple[str, ...]
+    base: BaseModelRef | None
+    accepted_at: datetime | None = None  # feedback that arrived by then is trusted for judging its children
 
 
 @dataclass(frozen=True)
@@ -520,6 +532,21 @@ class Registry:
             cursor = info.manifest.parent
         return chain
 
+    def parent(self) -> ParentVersion:
+        """What the next training builds on: the current accepted version with its lineage, base and
+        acceptance time, read from the folder tree (Base Mode: all None)."""
+        name = self.current()
+        if name is None:
+            return ParentVersion(name=None, adapter_dir=None, lineage=(), base=None)
+        version = self.get(name)
+        return ParentVersion(
+            name=name,
+            adapter_dir=self.adapter_dir(name),
+            lineage=tuple(self.lineage(name)),
+            base=version.manifest.base_model,
+            accepted_at=version.manifest.finalized_at,
+        )
+
     def adapter_dir(self, name: str) -> Path:
         """The folder a loader may read `name` from, after checking every file against its manifest.
 
@@ -578,6 +605,20 @@ class Registry:
         with self._lock():
             shutil.rmtree(reservation.staging_dir, ignore_errors=True)
             layout.owner_file(reservation.staging_dir).unlink(missing_ok=True)
+
+    def abandon(self, reservation: Reservation) -> bool:
+        """After a failed run: release its reservation unless its version already appeared.
+
+        Returns True when the version never appeared (its staging folder is gone now, so the
+        caller also undoes what it recorded elsewhere), False when it did: a finished version is
+        immutable and stays, whatever failed after it appeared.
+        """
+        self._check_own(reservation)
+        if (self.root / reservation.name).exists():
+            return False
+        self.release(reservation)
+        logger.info("[INCREMENTAL] Released %s: its run failed before the version appeared", reservation.name)
+        return True
 
     def _check_staging(self, reservation: Reservation) -> dict[str, Path]:
         """The staging folder holds the adapter (and maybe scores) and nothing else; returns those files.
@@ -731,8 +772,9 @@ class Registry:
         else:
             logger.info("[INCREMENTAL] Kept %s as rejected: %s", reservation.name, reason)
         return FinalizeResult(
-            name=reservation.name, status=status, promoted=promoted, reason=reason, path=destination, interrupted=interrupted
-        )
+            name=reservation.name, status=status, promoted=promoted, reason=reason, path=destination,
+            interrupted=interrupted, current=reservation.name if promoted else pointer,
+        )  # fmt: skip
 
     def rollback(self, target: str | None, *, force: bool = False, reason: str = "") -> RollbackResult:
         """Point `current` at `target` (None: back to base mode). A rejected target needs `force=True`.

@@ -11,15 +11,15 @@ from incremental.config import RunConfig
 from incremental.evaluation import nll_scorer
 from incremental.feedback import CollectedFeedback
 from incremental.modeling import Hardware, ResolvedBase, load_scoring_model
+from incremental.registry import ParentVersion
 from incremental.scoring import triple_hash
 from incremental.screening import ScreeningResult, screen_rows, screening_triples
 from incremental.settings import Settings
 from tasks.feedback import open_store
-from tasks.registry import Parent
 
 
 @task(name="screen-new-rows", cache_policy=NO_CACHE)
-def screen_new_rows(settings: Settings, base: ResolvedBase, parent: Parent, collected: CollectedFeedback, config: RunConfig) -> ScreeningResult:
+def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersion, collected: CollectedFeedback, config: RunConfig) -> ScreeningResult:
     """One scoring pass of the parent (the base model in base mode) over the batch (new train rows and the eval
     rows that arrived with them) and the trusted eval rows it is compared with."""
     hardware = Hardware.from_settings(settings)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from incremental.config import GatePolicy, LoraSettings, RunConfig
+from incremental.config import GatePolicy, LoraSettings
 from incremental.dataset import assemble_plan
 from incremental.evaluation import evaluate_pair, evidence_from_table
 from incremental.gate import decide
@@ -70,21 +70,18 @@ def test_first_version_is_judged_on_all_rows_against_the_base(small_base, untrai
 
 
 def test_crashed_evaluation_rejects_with_the_reason(small_base, tmp_path):
-    from prefect.logging import disable_run_logger
-
+    """The library stage fails closed by itself: no Prefect, no task wrapper needed."""
+    from incremental.evaluation import evaluate_candidate
     from incremental.feedback import FeedbackStore
-    from incremental.settings import Settings
-    from tasks.evaluation import evaluate_candidate
-    from tasks.registry import Parent
 
     snapshot = snapshot_with(tmp_path / "data", trusted=0, new=6)
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
-    parent = Parent(name=None, adapter_dir=None, lineage=(), base=None)
-    settings = Settings(device="cpu", db_path=tmp_path / "feedback.duckdb")
-    FeedbackStore(settings.db_path).init()
-    with disable_run_logger():
-        evidence = evaluate_candidate.fn(settings, "tiny", base, tmp_path / "no-such-adapter", "v1_20250101_000000", parent,
-                                         snapshot, RunConfig())  # fmt: skip
+    store = FeedbackStore(tmp_path / "feedback.duckdb")
+    store.init()
+    evidence = evaluate_candidate(
+        base, CPU, model_name="tiny", candidate_dir=tmp_path / "no-such-adapter", candidate_name="v1_20250101_000000",
+        parent_name=None, parent_adapter=None, snapshot=snapshot, policy=GatePolicy(), max_length=320, cache=store,
+    )  # fmt: skip
     assert evidence.error is not None
     decision = decide(evidence, GatePolicy())
     assert not decision.accepted and "evaluation failed" in decision.reasons[0] and not decision.blames_batch
