@@ -6,11 +6,23 @@ validates them before a run starts. Environment (paths, device) lives in `settin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from incremental.layout import MODEL_NAME
+
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+# A model name as a flow parameter: the same rule as the folder tree and the feedback store, so the
+# Prefect server refuses `../x` (its parameter schema carries the pattern) before any run starts.
+ModelName = Annotated[
+    str,
+    Field(
+        pattern=MODEL_NAME.pattern,
+        description="Model name (the folder under INCREMENTAL_MODELS_ROOT): 1-64 lowercase letters, digits, '.', '_' or '-'.",
+    ),
+]
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

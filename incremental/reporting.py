@@ -6,11 +6,14 @@ them as Prefect artifacts.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from incremental import layout
 from incremental.registry import Registry
 
 RunStatus = Literal["skipped", "accepted", "rejected"]
@@ -25,6 +28,7 @@ class RunSummary(BaseModel):
     status: RunStatus
     version: str | None = None
     parent: str | None = None
+    lineage: tuple[str, ...] = ()  # the current version's lineage after the run, newest first
     reasons: tuple[str, ...] = ()
     candidate_scores: dict[str, float | None] = {}
     parent_scores: dict[str, float | None] = {}
@@ -108,17 +112,68 @@ def version_table(registry: Registry) -> list[VersionRow]:
 
 
 def version_table_markdown(rows: list[VersionRow]) -> str:
-    lines = [
-        "| version | parent | status | current | target NLL (Δ vs parent) | prompt gain (Δ vs parent) | created |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """Two narrow tables that fit the Prefect UI's artifact pane: the lineage (version, parent,
+    outcome), then the scores against each parent. Newest first: the latest run is on top."""
+    rows = sorted(rows, key=lambda row: _version_number(row.name), reverse=True)
+    lines = ["| version | parent | outcome |", "|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.name} | {_short(row.parent)} | {_outcome(row)} |")
+    lines += ["", "| version | target NLL | Δ NLL | prompt gain | Δ gain |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row.name} | {row.parent} | {row.status} | {'◀ current' if row.current else ''} | "
-            f"{_fmt(row.target_nll)} ({_signed(row.nll_delta)}) | {_fmt(row.prompt_gain)} ({_signed(row.gain_delta)}) | "
-            f"{row.created} |"
+            f"| {_short(row.name)} | {_fmt(row.target_nll)} | {_signed(row.nll_delta)} | "
+            f"{_fmt(row.prompt_gain)} | {_signed(row.gain_delta)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _version_number(name: str) -> int:
+    """N of vN_YYYYMMDD_HHMMSS, 0 for anything else (sorts last)."""
+    return layout.version_number(name) if layout.VERSION_NAME.match(name) else 0
+
+
+def _short(name: str) -> str:
+    """v3 for v3_20261126_070000: the date is in the lineage table already."""
+    return name.split("_", 1)[0] if _version_number(name) else name
+
+
+def _outcome(row: VersionRow) -> str:
+    if row.problem:
+        return "⚠ damaged"
+    if row.status != "accepted":
+        return "❌ rejected"
+    if row.current:
+        return "✅ current"
+    return "✅ accepted (interrupted)" if row.promotion == "interrupted" else "✅ accepted"
+
+
+_DATASET_COLUMNS = ("artifact_type", "new", "replay", "eval_trusted", "eval_with_batch", "rejected_outputs", "held", "screened_out")
+
+
+def dataset_summary_rows(collected, snapshot, screened_types: Sequence[str] = ()) -> list[dict[str, object]]:
+    """What a run trains and judges on, per artifact type (and a total row), for people reading the run:
+    new train rows, replayed rows, trusted eval rows, eval rows that arrived with the batch, rejected
+    outputs scored, rows held before the run, and rows screening held now (`screened_types`: one
+    artifact type per screened row). `collected` is after screening (`CollectedFeedback`), `snapshot`
+    the written `DatasetSnapshot`."""
+    counts: dict[str, Counter] = {}
+
+    def add(column: str, types) -> None:
+        for artifact_type in types:
+            counts.setdefault(artifact_type, Counter())[column] += 1
+
+    add("new", collected.new.column("artifact_type").to_pylist())
+    train = snapshot.read_train().select(["id", "artifact_type"])
+    replay = set(snapshot.replay_ids)
+    add("replay", (t for i, t in zip(train.column("id").to_pylist(), train.column("artifact_type").to_pylist()) if i in replay))
+    for artifact_type, trusted in zip(collected.eval.column("artifact_type").to_pylist(), collected.eval.column("trusted").to_pylist()):
+        add("eval_trusted" if trusted else "eval_with_batch", [artifact_type])
+    add("rejected_outputs", collected.rejected.column("artifact_type").to_pylist())
+    add("held", collected.held.column("artifact_type").to_pylist())
+    add("screened_out", screened_types)
+    rows = [{"artifact_type": t, **{c: counts[t][c] for c in _DATASET_COLUMNS[1:]}} for t in sorted(counts)]
+    rows.append({"artifact_type": "total", **{c: sum(row[c] for row in rows) for c in _DATASET_COLUMNS[1:]}})
+    return rows
 
 
 def _delta(value: float | None, reference: float | None) -> float | None:

@@ -88,13 +88,42 @@ def train_candidate(
 
 
 class _ReportProgress(TrainerCallback):
-    """Forwards optimizer steps to a plain callable (the Prefect task turns it into a progress artifact)."""
+    """Progress while training, for people watching a run: a log line at each logging step (step, loss,
+    real tokens/s, ETA) that the flow sends to the Prefect run's logs, and every optimizer step to
+    `progress` (the Prefect task turns it into a progress artifact)."""
 
-    def __init__(self, progress: ProgressFn):
+    def __init__(self, progress: ProgressFn | None, real_tokens_per_epoch: int, epochs: float):
         self.progress = progress
+        self.real_tokens = real_tokens_per_epoch * epochs  # input tokens that are not padding, whole run
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.progress(state.global_step, state.max_steps)
+        if self.progress is not None:
+            self.progress(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.max_steps:
+            return
+        elapsed = time.perf_counter() - self.started
+        done = state.global_step / state.max_steps
+        # Batches differ in length; the run's average real tokens per step is close enough to watch.
+        tokens_per_s = self.real_tokens * done / elapsed if elapsed > 0 else 0.0
+        eta = elapsed * (1 - done) / done if done > 0 else float("nan")
+        log.info(
+            "[INCREMENTAL] step %d/%d loss %.4f, %.0f tokens/s, ETA %s",
+            state.global_step, state.max_steps, logs["loss"], tokens_per_s, _duration(eta),
+        )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def train_adapter(
@@ -111,6 +140,8 @@ def train_adapter(
     """Train `model`'s trainable adapter on a tokenized dataset and save only the adapter files."""
     started = time.perf_counter()
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
+    total_steps = math.ceil(steps_per_epoch * settings.epochs)
+    real_tokens_per_epoch = sum(len(ids) for ids in dataset["input_ids"])
     with tempfile.TemporaryDirectory(prefix="incremental-trainer-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,  # the Trainer wants one; nothing is checkpointed mid-run
@@ -123,7 +154,8 @@ def train_adapter(
             warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the steps
             lr_scheduler_type="linear",
             weight_decay=settings.weight_decay,
-            logging_steps=max(1, steps_per_epoch),
+            # About ten loss lines per run in the logs (and the Prefect UI), whatever its length.
+            logging_steps=max(1, total_steps // 10),
             seed=settings.seed,
             data_seed=settings.seed,
             use_cpu=device == "cpu",
@@ -138,7 +170,7 @@ def train_adapter(
             args=args,
             train_dataset=dataset,
             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
-            callbacks=[_ReportProgress(progress)] if progress else [],
+            callbacks=[_ReportProgress(progress, real_tokens_per_epoch, settings.epochs)],
         )
         output = trainer.train()
     model.save_pretrained(str(output_dir), safe_serialization=True)

@@ -1,45 +1,21 @@
-"""Registry tasks: which version a run builds on, reserving its name, finalizing and promoting it."""
+"""Registry tasks: which version a run builds on, reserving its name, finalizing and promoting it,
+and undoing a run that failed before its version appeared."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from incremental.manifest import BaseModelRef, Manifest
-from incremental.registry import FinalizeResult, Registry, Reservation
+from incremental.manifest import Manifest
+from incremental.registry import FinalizeResult, ParentVersion, Registry, Reservation
 from incremental.settings import Settings
-
-
-@dataclass(frozen=True)
-class Parent:
-    """The accepted version a run continues from; all None/empty in base mode."""
-
-    name: str | None
-    adapter_dir: Path | None
-    lineage: tuple[str, ...]
-    base: BaseModelRef | None
-    accepted_at: datetime | None = None  # feedback that arrived by then is trusted for judging its children
+from tasks.feedback import open_store
 
 
 @task(name="resolve-parent", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def resolve_parent(settings: Settings, model: str) -> Parent:
+def resolve_parent(settings: Settings, model: str) -> ParentVersion:
     """The current accepted version (read from the folder tree), its lineage and its base model."""
-    registry = Registry(settings.models_root, model)
-    name = registry.current()
-    if name is None:
-        return Parent(name=None, adapter_dir=None, lineage=(), base=None)
-    version = registry.get(name)
-    return Parent(
-        name=name,
-        adapter_dir=registry.adapter_dir(name),
-        lineage=tuple(registry.lineage(name)),
-        base=version.manifest.base_model,
-        accepted_at=version.manifest.finalized_at,
-    )
+    return Registry(settings.models_root, model).parent()
 
 
 @task(name="reserve-version", cache_policy=NO_CACHE)
@@ -56,3 +32,14 @@ def release_version(settings: Settings, model: str, reservation: Reservation) ->
 def finalize_version(settings: Settings, model: str, reservation: Reservation, manifest: Manifest) -> FinalizeResult:
     """Make the version folder appear (immutable) and, if the gate accepted it, compare-and-swap the pointer."""
     return Registry(settings.models_root, model).finalize(reservation, manifest)
+
+
+@task(name="abandon-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def abandon_version(settings: Settings, model: str, reservation: Reservation, reason: str) -> bool:
+    """Undo what a failed run wrote for a version that never appeared: its staging folder, its
+    consumption record, its holds (`Registry.abandon`, `FeedbackStore.forget_unfinished`). A version
+    that did appear is left as it is. Returns whether anything was undone."""
+    if not Registry(settings.models_root, model).abandon(reservation):
+        return False
+    open_store(settings).forget_unfinished(model, reservation.name, reason=reason)
+    return True

@@ -1,11 +1,16 @@
-"""Reporting task: explain the run in the Prefect UI (Markdown summary and the version table)."""
+"""Reporting tasks: explain the run in the Prefect UI with keyed artifacts, one history per model and kind.
+
+Keys: `retrain-<model>` holds verdicts only (accepted and rejected runs), so its latest entry is the
+last real decision; skips go to `skipped-<model>`; `versions-<model>` is the version table;
+`dataset-<model>` what each run trained and judged on.
+"""
 
 from __future__ import annotations
 
 import re
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from incremental.registry import Registry
@@ -20,11 +25,19 @@ def artifact_key(prefix: str, model: str) -> str:
 
 @task(name="publish-report", cache_policy=NO_CACHE)
 def publish_report(settings: Settings, summary: RunSummary) -> None:
-    """Keyed artifacts, so the Artifacts page keeps one versioned history per model."""
-    create_markdown_artifact(
-        summary.to_markdown(), key=artifact_key("retrain", summary.model), description=summary.headline()
-    )
+    """The run's outcome under its kind's key, and (after a verdict) the version table."""
+    kind = "skipped" if summary.status == "skipped" else "retrain"
+    create_markdown_artifact(summary.to_markdown(), key=artifact_key(kind, summary.model), description=summary.headline())
+    if summary.status == "skipped":
+        return
     rows = version_table(Registry(settings.models_root, summary.model))
     create_markdown_artifact(
-        version_table_markdown(rows), key=artifact_key("versions", summary.model), description="All versions"
-    )
+        version_table_markdown(rows), key=artifact_key("versions", summary.model),
+        description=f"Versions of {summary.model}, newest first",
+    )  # fmt: skip
+
+
+@task(name="publish-dataset-summary", cache_policy=NO_CACHE)
+def publish_dataset_summary(model: str, version: str, rows: list[dict[str, object]]) -> None:
+    """New, replay, eval (trusted / with the batch), rejected, held and screened rows per artifact type."""
+    create_table_artifact(rows, key=artifact_key("dataset", model), description=f"Data of {version}: rows per artifact type")

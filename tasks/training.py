@@ -11,27 +11,23 @@ from prefect.cache_policies import NO_CACHE
 from incremental.config import RunConfig
 from incremental.dataset import DatasetSnapshot
 from incremental.manifest import TrainingRecord
-from incremental.modeling import Hardware, ResolvedBase, check_same_base, resolve_base
-from incremental.registry import Registry
+from incremental.modeling import Hardware, ResolvedBase, resolve_base_for
+from incremental.registry import ParentVersion, Registry
 from incremental.settings import Settings
 from incremental.training import train_candidate as train_candidate_stage
-from tasks.registry import Parent
 
 
 @task(name="prepare-base", cache_policy=NO_CACHE)
-def prepare_base(settings: Settings, parent: Parent) -> ResolvedBase:
+def prepare_base(settings: Settings, parent: ParentVersion) -> ResolvedBase:
     """The base named by the settings (built on first use if embedded); it must be the parent's base."""
-    base = resolve_base(settings)
-    if parent.name is not None and parent.base is not None:
-        check_same_base(parent.base, base.ref, parent.name)
-    return base
+    return resolve_base_for(settings, parent.name, parent.base)
 
 
 @task(name="train-candidate", cache_policy=NO_CACHE)
 def train_candidate(
     settings: Settings,
     base: ResolvedBase,
-    parent: Parent,
+    parent: ParentVersion,
     snapshot: DatasetSnapshot,
     config: RunConfig,
     output_dir: Path,
@@ -58,4 +54,7 @@ def train_candidate(
         config,
         output_dir,
         progress=report,
+        # The run's logs get a line per logging step (loss, tokens/s, ETA); a terminal bar would
+        # interleave with them and never reach the Prefect UI.
+        show_progress_bar=False,
     )

@@ -47,3 +47,11 @@ class FeedbackStore(FeedbackIngest, LineageQueries, ConsumptionLedger, RowMarks,
     file (DuckDB allows one read-write process or many read-only ones), the open is retried with
     exponential backoff for up to `lock_timeout_s`, then `FeedbackStoreLockedError` names the holder.
     """
+
+    def forget_unfinished(self, model: str, version: str, *, reason: str) -> int:
+        """Undo what a run wrote here for `version` when the run failed before the version appeared:
+        its consumption record is removed (a version that does not exist trained on nothing) and the
+        rows it held (screening or the gate) are released with `reason`, so the next run judges them
+        again. Returns how many rows were released. Only for a version whose folder never appeared."""
+        self.discard_unfinished(model, version)
+        return self.mark(model, self.held_by(model, version), "release", reason=reason, actor="rollback", version=version)

@@ -90,6 +90,21 @@ class ConsumptionLedger(FeedbackDatabase):
             finally:
                 con.unregister("incoming_consumption")
 
+    def discard_unfinished(self, model: str, version: str) -> int:
+        """Remove the record of a version that never appeared: its run failed between recording and
+        finalizing (the caller checks that the folder does not exist). Returns the rows removed."""
+        check_model(model)
+        if not VERSION_NAME.match(version):
+            raise ValueError(f"version {version!r} is not a version name; expected vN_YYYYMMDD_HHMMSS")
+        with self._write() as con:
+            (removed,) = con.execute(
+                "SELECT count(*) FROM version_rows WHERE model = ? AND version = ?", [model, version]
+            ).fetchone()
+            con.execute("DELETE FROM version_rows WHERE model = ? AND version = ?", [model, version])
+        if removed:
+            logger.info("[INCREMENTAL] Removed the consumption record of unfinished %s/%s (%d rows)", model, version, removed)
+        return removed
+
     def trained_on(self, model: str, version: str) -> dict[str, tuple[str, ...]]:
         """{'new': ids, 'replay': ids} that `version` trained on, as recorded (empty tuples when nothing is)."""
         check_model(model)
