@@ -249,8 +249,9 @@ def test_compare_and_swap_promotes_only_the_first_of_two_candidates_on_the_same_
     won = registry.finalize(second, make_manifest(second))
     lost = registry.finalize(first, make_manifest(first))
 
-    assert won.promoted and won.status == "accepted"
-    assert not lost.promoted and lost.status == "rejected"
+    assert won.promoted and won.status == "accepted" and won.current == second.name
+    # The loser reports what is current now (its caller's log line says so), not its stale parent.
+    assert not lost.promoted and lost.status == "rejected" and lost.current == second.name
     assert lost.reason == f"parent {v1.name} is no longer current (now {second.name}): re-run to evaluate against it"
     assert registry.current() == second.name
     manifest = registry.get(first.name).manifest
