@@ -15,10 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -36,7 +34,6 @@ UI_TIMEOUT_MS = 120_000
 VIEWPORT = {"width": 1400, "height": 1000}
 TALLEST_SHOT_PX = 12_000
 VERDICT_KEY = "retrain-tiny"
-T = TypeVar("T")
 
 
 def outer_env(name: str) -> str | None:
@@ -120,22 +117,6 @@ def shoot(page, tmp_path, request):
     return shoot
 
 
-def retry_busy(call: Callable[[], T], attempts: int = 6) -> T:
-    """`call()`, again after a pause when the server answers 503: Prefect's answer to an error a
-    client may retry, such as SQLite's `database is locked` on a busy machine (Prefect's own client
-    retries these too)."""
-    import httpx
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code != 503 or attempt == attempts - 1:
-                raise
-            time.sleep(2.0 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 def field_label(key: str, prop: dict) -> str:
     """The label the UI's schema form shows for a property: its title, or the key in title case."""
     return prop.get("title") or " ".join(word.capitalize() for word in key.split("_"))
@@ -184,8 +165,8 @@ def test_finished_run_page_shows_its_verdict_artifact(chromium, prefect_server, 
     from playwright.sync_api import expect
 
     prefect_server.add_feedback(30, 7301)
-    created = retry_busy(lambda: prefect_server.create_run("retrain/manual-tiny", {"config": fast_config}))
-    run = retry_busy(lambda: prefect_server.wait(created["id"], logs=served))
+    created = prefect_server.create_run("retrain/manual-tiny", {"config": fast_config})
+    run = prefect_server.wait(created["id"], logs=served)
     state = run["state"]
     assert state["type"] == "COMPLETED" and state["name"] in ("Completed", "Rejected"), (
         f"{state}\n{prefect_server.log_text(created['id'])}"
