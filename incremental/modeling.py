@@ -151,11 +151,13 @@ def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettin
     so `lora` applies to new adapters alone. The optimizer is always fresh (see training.py).
     """
     if hardware.quantization == "4bit":
-        base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=hardware.device == "cuda",
-            gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant default is being removed
-        )
+        # PEFT freezes the base and casts its non-4-bit parameters to float32; checkpointing is
+        # switched on here with transformers 5's own call (PEFT's uses the deprecated name, which
+        # warns on every run). use_reentrant=False: the reentrant default is being removed, and it
+        # needs no input-gradient hook.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if hardware.device == "cuda":
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if parent_adapter is None:
         config = LoraConfig(
             r=lora.r,
