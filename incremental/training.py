@@ -141,7 +141,7 @@ def train_adapter(
     started = time.perf_counter()
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
     total_steps = math.ceil(steps_per_epoch * settings.epochs)
-    real_tokens_per_epoch = sum(len(ids) for ids in dataset["input_ids"])
+    real_tokens_per_epoch = sum(len(example["input_ids"]) for example in dataset)  # a Dataset or a list of rows
     with tempfile.TemporaryDirectory(prefix="incremental-trainer-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,  # the Trainer wants one; nothing is checkpointed mid-run
