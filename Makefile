@@ -29,7 +29,8 @@ test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
 
 # The browser tests (tests/server/test_browser.py) drive Debian's Chromium, never a browser Playwright
-# downloads. Without it they are skipped, except in CI (.ci/run runs this first). Needs root or sudo.
+# downloads (and an emoji font: the run logs and verdicts use ✅/❌). Without it they are skipped,
+# except in CI (.ci/run runs this first). Needs root or sudo.
 CHROMIUM := /usr/bin/chromium
 browser:
 	@if [ -x $(CHROMIUM) ]; then echo "browser: $(CHROMIUM) is installed"; exit 0; fi; \
@@ -39,8 +40,8 @@ browser:
 	  echo "browser: apt-get update"; \
 	  $$sudo apt-get update -qq >$$log 2>&1 || { cat $$log; exit 1; }; \
 	fi; \
-	echo "browser: apt-get install --no-install-recommends chromium"; \
-	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >$$log 2>&1 \
+	echo "browser: apt-get install --no-install-recommends chromium fonts-noto-color-emoji"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-noto-color-emoji >$$log 2>&1 \
 	  || { cat $$log; exit 1; }; \
 	rm -f $$log; [ -x $(CHROMIUM) ] || { echo "browser: $(CHROMIUM) still missing"; exit 1; }; \
 	echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"

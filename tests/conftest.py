@@ -33,8 +33,10 @@ os.environ.update(
         "DISABLE_SAFETENSORS_CONVERSION": "1",
     }
 )
-for key in [k for k in os.environ if k.startswith("INCREMENTAL_")]:
-    del os.environ[key]  # a developer's .env or shell must not leak into tests
+# A developer's .env or shell must not leak into tests; the test harness's own switches stay.
+_HARNESS_VARIABLES = {"INCREMENTAL_REQUIRE_BROWSER", "INCREMENTAL_SCREENSHOTS_DIR"}
+for key in [k for k in os.environ if k.startswith("INCREMENTAL_") and k not in _HARNESS_VARIABLES]:
+    del os.environ[key]
 os.environ["INCREMENTAL_EMBEDDED_CACHE_DIR"] = str(_SESSION_HOME / "embedded")
 
 

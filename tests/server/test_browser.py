@@ -36,24 +36,10 @@ TALLEST_SHOT_PX = 12_000
 VERDICT_KEY = "retrain-tiny"
 
 
-def outer_env(name: str) -> str | None:
-    """`name` as the test run was started with it. tests/conftest.py removes every INCREMENTAL_*
-    variable from os.environ (settings must not leak into tests), so read the process's initial
-    environment as well."""
-    if name in os.environ:
-        return os.environ[name]
-    try:
-        initial = Path("/proc/self/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    prefix = f"{name}=".encode()
-    return next((entry[len(prefix):].decode(errors="replace") for entry in initial if entry.startswith(prefix)), None)
-
-
 def browser_required() -> bool:
     """In CI a missing browser is a failure, not a skip."""
-    ci = (outer_env("CI") or "").strip().lower()
-    return ci not in ("", "0", "false", "no") or outer_env("INCREMENTAL_REQUIRE_BROWSER") == "1"
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false", "no") or os.environ.get("INCREMENTAL_REQUIRE_BROWSER") == "1"
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +79,7 @@ def page(chromium) -> Iterator:
 @pytest.fixture
 def shoot(page, tmp_path, request):
     """shoot(name): a full-page screenshot `<test>-<name>.png` in tmp_path (and $INCREMENTAL_SCREENSHOTS_DIR)."""
-    extra = outer_env("INCREMENTAL_SCREENSHOTS_DIR")
+    extra = os.environ.get("INCREMENTAL_SCREENSHOTS_DIR")
 
     def shoot(name: str) -> Path:
         # The UI scrolls inside a container, not the document, so a "full page" capture would stop at
