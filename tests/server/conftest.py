@@ -161,9 +161,16 @@ class PrefectServer:
     def artifacts(self, run_id: str) -> list[dict]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
 
-    def log_text(self, run_id: str) -> str:
-        logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"})
-        return "\n".join(f"{entry['level']:>2} {entry['message']}" for entry in logs)
+    def log_text(self, run_id: str, *expected: str, timeout_s: float = 60.0) -> str:
+        """The run's log lines. A run's process ships its last lines after its final state is set, so
+        this polls until every `expected` text is there (or `timeout_s` passed: the caller's assert says)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"})
+            text = "\n".join(f"{entry['level']:>2} {entry['message']}" for entry in logs)
+            if all(needle in text for needle in expected) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
 
     def flow_runs(self, flow_name: str, *, since: datetime | None = None) -> list[dict]:
         """Runs of the flow `flow_name` created at or after `since` (server and tests share a clock), oldest

@@ -36,7 +36,7 @@ def test_run_button_trains_a_version_and_reports_it(prefect_server, served, fast
     assert created["parameters"]["model"] == "tiny" and created["parameters"]["config"]["train"]["epochs"] == 1
 
     run = prefect_server.wait(created["id"], logs=served)
-    logs = prefect_server.log_text(created["id"])
+    logs = prefect_server.log_text(created["id"], "[INCREMENTAL] Training")
     assert (run["state"]["type"], run["state"]["name"]) == ("COMPLETED", "Completed"), f"{run['state']}\n{logs}"
 
     current = prefect_server.current()

@@ -18,7 +18,7 @@ def _new_rows(server) -> int:
 def _watch(server, served, min_new_rows: int) -> tuple[dict, str]:
     created = server.create_run("watch-feedback/watch-tiny", {"min_new_rows": min_new_rows})
     run = server.wait(created["id"], timeout_s=300, logs=served)
-    logs = server.log_text(created["id"])
+    logs = server.log_text(created["id"], "[INCREMENTAL] ")
     assert (run["state"]["type"], run["state"]["name"]) == ("COMPLETED", "Completed"), f"{run['state']}\n{logs}"
     return run, logs
 

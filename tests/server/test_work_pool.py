@@ -46,7 +46,7 @@ def test_deploy_to_pool_and_a_worker_runs_the_retrain(prefect_server, fast_confi
         run = server.wait(created["id"], logs=log)
     finally:
         server.stop(worker)
-    logs = server.log_text(created["id"])
+    logs = server.log_text(created["id"], "[INCREMENTAL] Training")
     assert (run["state"]["type"], run["state"]["name"]) == ("COMPLETED", "Completed"), f"{run['state']}\n{logs}\n{server.tail(log)}"
     assert run["work_pool_name"] == POOL
     current = server.current(MODEL)
