@@ -3,6 +3,8 @@ the deployments, and a real `prefect worker start` runs a retrain from that pool
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -21,7 +23,8 @@ def test_deploy_to_pool_and_a_worker_runs_the_retrain(prefect_server, fast_confi
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         deploy_to_pool(MODEL, POOL, timezone="Europe/Berlin")
         assert ensure_process_pool(POOL) is False  # idempotent: an existing pool is left as it is
-        deploy_to_pool(MODEL, POOL, timezone="Europe/Berlin")  # and so is deploying again
+        # Deploying again updates the same deployments, and adds the watcher when asked.
+        deploy_to_pool(MODEL, POOL, timezone="Europe/Berlin", watch_every=timedelta(hours=6))
 
     pool = server.get(f"/work_pools/{POOL}")
     assert pool["type"] == "process" and "command" in pool["base_job_template"]["variables"]["properties"]
@@ -37,6 +40,9 @@ def test_deploy_to_pool_and_a_worker_runs_the_retrain(prefect_server, fast_confi
             {"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}
         ]
         assert deployment["global_concurrency_limit"] is None
+    watch = server.deployment(f"watch-feedback/watch-{MODEL}")
+    assert watch["work_pool_name"] == POOL and watch["entrypoint"] == "flows/watch_feedback.py:watch_feedback"
+    assert watch["schedules"][0]["schedule"]["interval"] == 6 * 3600
 
     server.add_feedback(40, 501, model=MODEL)
     created = server.create_run(f"retrain/manual-{MODEL}", {"config": fast_config})
