@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,14 +44,20 @@ from tasks.training import prepare_base, train_candidate
 
 @dataclass
 class _Progress:
-    """Where the run is: the stage now running (a failure names it) and the version it reserved."""
+    """Where the run is: the stage now running (a failure names it), the version it reserved, and the
+    wall time of each stage as the flow saw it (the task's work plus Prefect's bookkeeping for it)."""
 
     stage: str = "start"
     reservation: Reservation | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def call(self, task, *args, **kwargs):
         self.stage = task.name
-        return task(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return task(*args, **kwargs)
+        finally:
+            self.seconds[task.name] = round(self.seconds.get(task.name, 0.0) + time.perf_counter() - started, 2)
 
 
 @flow(name="retrain", description="Continue the current LoRA adapter on new feedback; promote it only if it does not regress.")
@@ -187,6 +193,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
         n_held=len(held),
         evaluation=cost,
         wall_seconds=round(time.perf_counter() - started, 1),
+        stage_seconds=dict(progress.seconds),
     )
 
 

@@ -40,7 +40,12 @@ class RunSummary(BaseModel):
     n_screened: int = 0  # new rows held by screening before training
     n_held: int = 0  # rows held because the gate blamed the batch
     evaluation: dict = {}
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # from resolving the parent to the decision (the slot wait excluded)
+    stage_seconds: dict[str, float] = {}  # each stage's wall time as the flow saw it, by task name
+
+    def overhead_seconds(self) -> float | None:
+        """The run's time outside its stages: the flow's own bookkeeping between them."""
+        return round(self.wall_seconds - sum(self.stage_seconds.values()), 1) if self.stage_seconds else None
 
     def headline(self) -> str:
         builds_on = self.parent or "base model"
@@ -59,6 +64,10 @@ class RunSummary(BaseModel):
                 lines += [f"Gate verdict: **{self.verdict}**", "", verdict_table_markdown(self.checks), ""]
             if self.n_held:
                 lines += [f"The gate blamed this batch: {self.n_held} rows are held until a person releases or excludes them.", ""]
+            if self.stage_seconds:
+                slowest = sorted(self.stage_seconds.items(), key=lambda item: -item[1])[:4]
+                shown = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in slowest)
+                lines += [f"Time: {self.wall_seconds:.1f} s ({shown}; between stages {self.overhead_seconds():.1f} s).", ""]
             lines += ["Reasons:"]
         lines += [f"- {reason}" for reason in self.reasons]
         return "\n".join(lines) + "\n"

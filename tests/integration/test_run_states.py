@@ -67,6 +67,10 @@ def test_states_and_artifacts_say_what_happened(prefect_api, env, store):
     summary = accepted.result()
     assert (accepted.type.value, accepted.name, summary.status) == ("COMPLETED", "Completed", "accepted"), accepted.message
     assert summary.version in accepted.message
+    # Where the time went, stage by stage, in the summary and its artifact.
+    assert {"collect-feedback", "train-candidate", "evaluate-candidate", "finalize-version"} <= set(summary.stage_seconds)
+    assert 0 < summary.stage_seconds["train-candidate"] < summary.wall_seconds
+    assert summary.overhead_seconds() is not None and "Time:" in summary.to_markdown()
 
     store.add_many(synthetic_feedback(20, 2, model=model))
     strict = QUICK.model_copy(update={"gate": QUICK.gate.model_copy(update={"min_eval_examples": 10_000})})
