@@ -26,8 +26,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from pydantic import Field
 
+from incremental.config import ModelName
 from incremental.feedback import FeedbackStore
-from incremental.layout import MODEL_NAME
 from incremental.registry import Registry
 from incremental.settings import Settings
 
@@ -68,7 +68,7 @@ def active_retrains(model: str, default_model: str) -> list[str]:
 
 @flow(name="watch-feedback", description="Start retrain/manual-<model> when the model has enough new feedback.")
 def watch_feedback(
-    model: Annotated[str, Field(pattern=MODEL_NAME.pattern, description="The model whose feedback is counted.")],
+    model: ModelName,
     min_new_rows: Annotated[int, Field(ge=1, description="New rows that start a retrain.")] = 50,
 ) -> str | None:
     """Start `retrain/manual-<model>` if at least `min_new_rows` rows are new and no retrain of it is

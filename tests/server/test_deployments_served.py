@@ -52,17 +52,21 @@ def test_run_button_trains_a_version_and_reports_it(prefect_server, served, fast
 
 
 @pytest.mark.parametrize(
-    "parameters",
+    ("deployment", "parameters"),
     [
-        pytest.param({"model": "../x"}, id="model-outside-the-models-root"),
-        pytest.param({"config": {"train": {"epochs": 0}}}, id="epochs-out-of-range"),
-        pytest.param({"config": {"train": {"learning_rate": "fast"}}}, id="learning-rate-not-a-number"),
+        pytest.param("retrain/manual-tiny", {"model": "../x"}, id="model-outside-the-models-root"),
+        pytest.param("retrain/manual-tiny", {"config": {"train": {"epochs": 0}}}, id="epochs-out-of-range"),
+        pytest.param("retrain/manual-tiny", {"config": {"train": {"learning_rate": "fast"}}}, id="learning-rate-not-a-number"),
+        pytest.param("retrain/manual-tiny", {"on_busy": "queue"}, id="on-busy-not-an-option"),
+        pytest.param("watch-feedback/watch-tiny", {"model": "../x"}, id="watcher-model-outside-the-models-root"),
+        pytest.param("watch-feedback/watch-tiny", {"min_new_rows": 0}, id="watcher-threshold-out-of-range"),
     ],
 )
-def test_invalid_parameters_are_refused_before_any_run(prefect_server, served, parameters):
-    manual = prefect_server.deployment("retrain/manual-tiny")
-    runs_before = {r["id"] for r in prefect_server.flow_runs("retrain")}
-    response = prefect_server.request("POST", f"/deployments/{manual['id']}/create_flow_run", {"parameters": parameters})
+def test_invalid_parameters_are_refused_before_any_run(prefect_server, served, deployment, parameters):
+    flow_name = deployment.split("/")[0]
+    target = prefect_server.deployment(deployment)
+    runs_before = {r["id"] for r in prefect_server.flow_runs(flow_name)}
+    response = prefect_server.request("POST", f"/deployments/{target['id']}/create_flow_run", {"parameters": parameters})
     assert response.status_code in (409, 422), response.text
     assert "Validation failed" in response.text or "validation" in response.text.lower(), response.text
-    assert {r["id"] for r in prefect_server.flow_runs("retrain")} == runs_before
+    assert {r["id"] for r in prefect_server.flow_runs(flow_name)} == runs_before
