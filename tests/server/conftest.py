@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -49,9 +50,17 @@ FAST_CONFIG: dict[str, Any] = {
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port that is free now, below Linux's range for outgoing connections (32768-60999), where any
+    process's next connection could take it before the server binds it."""
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -233,37 +242,22 @@ class PrefectServer:
 def prefect_server(tmp_path_factory, request) -> Iterator[PrefectServer]:
     """`prefect server start` on a free port with its own PREFECT_HOME and filesystem leases."""
     root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "server-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"{url}/api",
-        # Leases survive a server restart (in memory they would not, and a training would cancel itself).
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
-        # A 503 (SQLite locked under load) is logged with its cause instead of passing silently.
-        "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
-    }
-    server_env.pop("PREFECT_API_URL", None)
-    log = root / "server.log"
-    process = start_group(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env, cwd=root, log=log,
-    )  # fmt: skip
     http = httpx.Client(timeout=30.0)
+    process = None
     try:
-        small_base = request.getfixturevalue("small_base")  # built while the server migrates its database
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert process.poll() is None, f"prefect server exited with {process.returncode}:\n{tail(log)}"
-            try:
-                if http.get(f"{url}/api/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"prefect server not healthy after {SERVER_START_S} s:\n{tail(log)}"
-            time.sleep(0.5)
+        small_base = None
+        # Another process may take the port while the server starts (it imports for seconds): try another.
+        for attempt in range(3):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = root / f"server-{attempt}.log"
+            process = _start_server(root, url, log)
+            if small_base is None:
+                small_base = request.getfixturevalue("small_base")  # built while the server migrates its database
+            if _healthy(process, http, url, log):
+                break
+        else:
+            raise AssertionError(f"prefect server did not start on three ports:\n{tail(log)}")
         client_env = {
             **os.environ,
             "PREFECT_HOME": str(root / "client-home"),
@@ -282,7 +276,41 @@ def prefect_server(tmp_path_factory, request) -> Iterator[PrefectServer]:
         yield PrefectServer(url=url, api_url=f"{url}/api", env=client_env, root=root, log=log, http=http)
     finally:
         http.close()
-        stop_group(process)
+        if process is not None:
+            stop_group(process)
+
+
+def _start_server(root: Path, url: str, log: Path) -> subprocess.Popen:
+    port = url.rsplit(":", 1)[1]
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "server-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"{url}/api",
+        # Leases survive a server restart (in memory they would not, and a training would cancel itself).
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+        # A 503 (SQLite locked under load) is logged with its cause instead of passing silently.
+        "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
+    }
+    env.pop("PREFECT_API_URL", None)
+    return start_group([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port], env=env, cwd=root, log=log)
+
+
+def _healthy(process: subprocess.Popen, http: httpx.Client, url: str, log: Path) -> bool:
+    """Wait for /api/health; False if the server exited because its port was taken."""
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        if process.poll() is not None:
+            if "already in use" in tail(log):
+                return False
+            raise AssertionError(f"prefect server exited with {process.returncode}:\n{tail(log)}")
+        try:
+            if http.get(f"{url}/api/health").status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"prefect server not healthy after {SERVER_START_S} s:\n{tail(log)}"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
