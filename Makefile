@@ -50,6 +50,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/history_scaling.py
 	$(BIN)/python benchmarks/gate_quality.py
+	$(BIN)/python benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) demo-run

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         Path("~/.cache/incremental/embedded"),
         description="Where the embedded base model is built once and reused.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch uses for training and scoring; unset: the cores this process may use "
+        "(its CPU affinity, capped by its cgroup CPU quota). Set it lower when other work shares the cores.",
+    )
     db_lock_timeout_s: float = Field(30.0, gt=0, description="How long to retry when another process holds the DuckDB file.")
 
     @field_validator("embedded_cache_dir", "db_path", "models_root")

@@ -15,6 +15,7 @@ from incremental.gate import GateEvidence
 from incremental.modeling import Hardware, ResolvedBase
 from incremental.registry import ParentVersion
 from incremental.settings import Settings
+from incremental.threads import apply_threads
 from tasks.feedback import open_store
 
 
@@ -30,6 +31,7 @@ def evaluate_candidate(
     config: RunConfig,
 ) -> EvalResult | GateEvidence:
     """An `EvalResult`, or a `GateEvidence` carrying the error when evaluation crashed."""
+    apply_threads(settings)
     return evaluate_candidate_stage(
         base,
         Hardware.from_settings(settings),

@@ -15,6 +15,7 @@ from incremental.registry import ParentVersion
 from incremental.scoring import triple_hash
 from incremental.screening import ScreeningResult, screen_rows, screening_triples
 from incremental.settings import Settings
+from incremental.threads import apply_threads
 from tasks.feedback import open_store
 
 
@@ -22,6 +23,7 @@ from tasks.feedback import open_store
 def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersion, collected: CollectedFeedback, config: RunConfig) -> ScreeningResult:
     """One scoring pass of the parent (the base model in base mode) over the batch (new train rows and the eval
     rows that arrived with them) and the trusted eval rows it is compared with."""
+    apply_threads(settings)
     hardware = Hardware.from_settings(settings)
     max_length = config.train.max_length
     reference = collected.eval.filter(pc.field("trusted"))

@@ -14,12 +14,14 @@ from incremental.manifest import TrainingRecord
 from incremental.modeling import Hardware, ResolvedBase, resolve_base_for
 from incremental.registry import ParentVersion, Registry
 from incremental.settings import Settings
+from incremental.threads import apply_threads
 from incremental.training import train_candidate as train_candidate_stage
 
 
 @task(name="prepare-base", cache_policy=NO_CACHE)
 def prepare_base(settings: Settings, parent: ParentVersion) -> ResolvedBase:
     """The base named by the settings (built on first use if embedded); it must be the parent's base."""
+    apply_threads(settings)  # building the embedded base pretrains it: minutes of torch on first use
     return resolve_base_for(settings, parent.name, parent.base)
 
 
@@ -32,6 +34,7 @@ def train_candidate(
     config: RunConfig,
     output_dir: Path,
 ) -> TrainingRecord:
+    apply_threads(settings)
     if parent.adapter_dir is not None:
         # Checked again here, minutes after the parent was resolved: a version damaged meanwhile
         # (a file changed by hand, a disk error) is refused by name before anything trains on it.
