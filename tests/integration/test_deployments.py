@@ -1,5 +1,5 @@
-"""Deployments registered on a real Prefect API: the nightly schedule, one run at a time, and the
-run config rendered as a validated form."""
+"""Deployments registered on a real Prefect API: the nightly schedule, no per-deployment queue, and
+the run config rendered as a validated form."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def test_nightly_and_manual_deployments(prefect_api):
     assert manual_read.schedules == []
     for deployment in read:
         assert deployment.parameters == {"model": "tiny"}
-        assert deployment.global_concurrency_limit.limit == 1
+        # No per-deployment queue in front of the model's slot (the flow holds retrain-<model>).
+        assert deployment.global_concurrency_limit is None
         schema = deployment.parameter_openapi_schema
-        assert {"model", "config"} <= set(schema["properties"])
+        assert {"model", "config", "on_busy", "busy_timeout_minutes"} <= set(schema["properties"])
+        assert schema["properties"]["on_busy"]["enum"] == ["wait", "skip"]
         assert {"RunConfig", "TrainSettings", "GatePolicy"} <= set(schema["definitions"])
         assert deployment.enforce_parameter_schema
