@@ -892,13 +892,31 @@ def _duration(elapsed: timedelta) -> str:
 @app.command()
 def serve(
     model: ModelOption = None,
-    timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule (03:30 local).")] = "UTC",
+    timezone: Annotated[str, typer.Option(help="Time zone of the nightly schedule (03:30 local), e.g. Europe/Berlin.")] = "UTC",
+    watch_every: Annotated[
+        float, typer.Option(metavar="MINUTES", min=0, help="How often the watcher counts new feedback and starts a retrain when enough is new; 0: no watcher.")
+    ] = 15,
 ) -> None:
-    """Serve the nightly and manual deployments from this process (needs a Prefect server: PREFECT_API_URL)."""
+    """Serve the nightly and manual deployments (and the feedback watcher) from this process (needs a Prefect server: PREFECT_API_URL)."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     model = _context(model)[1]
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CliInputError(f"--timezone {_shown(timezone)}: not a time zone; use an IANA name such as 'Europe/Berlin' or 'UTC'") from None
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        # A temporary server would take the deployments and never fire a schedule.
+        raise ConfigurationError(
+            "serve needs a Prefect server: start one with `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Operate it)"
+        )
     from deployments.retrain import serve_deployments
 
-    serve_deployments(model, timezone)
+    serve_deployments(model, timezone, timedelta(minutes=watch_every) if watch_every else None)
 
 
 @app.command()

@@ -161,6 +161,21 @@ def test_runs_without_a_prefect_api_says_how_to_get_one(seeded: Path) -> None:
     assert_one_line(done, "PREFECT_API_URL is not set", "prefect server start")
 
 
+def test_serve_without_a_prefect_server_says_how_to_get_one(seeded: Path) -> None:
+    """A temporary server would take the deployments and never fire a schedule: refused, one line."""
+    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", "serve"],
+        capture_output=True, text=True, timeout=120, env={**environment, "INCREMENTAL_DB_PATH": str(seeded / "feedback.duckdb")},
+    )  # fmt: skip
+    assert_one_line(done, "serve needs a Prefect server", "prefect server start", "PREFECT_API_URL")
+
+
+def test_serve_refuses_an_unknown_time_zone(seeded: Path) -> None:
+    done = run_cli(seeded, "serve", "--timezone", "Mars/Base", PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert_one_line(done, "--timezone 'Mars/Base': not a time zone", "Europe/Berlin")
+
+
 def test_runs_with_an_unreachable_prefect_api_names_it(seeded: Path) -> None:
     done = run_cli(seeded, "runs", "--json", PREFECT_API_URL="http://127.0.0.1:9/api")
     assert_one_line(done, "PREFECT_API_URL=http://127.0.0.1:9/api: cannot read the runs", "prefect server start")
