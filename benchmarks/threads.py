@@ -30,14 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.report import write_block  # noqa: E402
-from incremental.embedded import ensure_embedded_base  # noqa: E402
-from incremental.settings import Settings  # noqa: E402
-from incremental.synthetic import generate_cases  # noqa: E402
-from incremental.threads import available_cores, cgroup_cpu_limit, own_cpu_max  # noqa: E402
+from benchmarks.report import write_block
+from incremental.embedded import ensure_embedded_base
+from incremental.settings import Settings
+from incremental.synthetic import generate_cases
+from incremental.threads import available_cores, cgroup_cpu_limit, own_cpu_max
 
 BATCH, BLOCK = 4, 128
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -180,15 +180,18 @@ def main() -> None:
             "## Threads: a training step at 1 and 2 torch threads, on idle cores and beside a busy process",
             "",
             f"Command: `.venv/bin/python benchmarks/threads.py --repeats {args.repeats} --window {args.window:g}`  ",
-            f"Machine: {cpu_model}, {os.cpu_count()} cores ({available_cores()} available to the process: affinity "
-            f"{len(os.sched_getaffinity(0))}, cgroup quota {'none' if quota is None else f'{quota:g} cores'}), "
-            f"torch {torch.__version__}, Python {platform.python_version()}; shared with other agents' work "
-            f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after); "
-            f"{time.perf_counter() - began:.0f} s in all.  ",
-            f"Workload: one training step (forward, backward, AdamW) of a random-init Llama, {parameters / 1e6:.1f}M "
-            f"parameters, float32, on a batch of {BATCH} x {BLOCK} real token ids; steps/s over {args.window:g} s "
-            f"windows (at least one step), the four conditions interleaved (order rotated each repeat), "
-            f"medians of {args.repeats}. Other work: the machine's busy cores (/proc/stat) minus this process and the spinner.",
+            (
+                f"Machine: {cpu_model}, {os.cpu_count()} cores ({available_cores()} available to the process: affinity "
+                f"{len(os.sched_getaffinity(0))}, cgroup quota {'none' if quota is None else f'{quota:g} cores'}), "
+                f"torch {torch.__version__}, Python {platform.python_version()}; load average {load_before:.1f} "
+                f"before, {os.getloadavg()[0]:.1f} after; {time.perf_counter() - began:.0f} s in all.  "
+            ),
+            (
+                f"Workload: one training step (forward, backward, AdamW) of a random-init Llama, {parameters / 1e6:.1f}M "
+                f"parameters, float32, on a batch of {BATCH} x {BLOCK} real token ids; steps/s over {args.window:g} s "
+                f"windows (at least one step), the four conditions interleaved (order rotated each repeat), medians of "
+                f"{args.repeats}. Other work: the machine's busy cores (/proc/stat) minus this process and the spinner."
+            ),
             "",
             *rows,
             "",

@@ -113,7 +113,7 @@ def run_apply(threads_env: str | None) -> tuple[dict, str]:
     environment["PYTHONPATH"] = str(ROOT)
     if threads_env is not None:
         environment["INCREMENTAL_THREADS"] = threads_env
-    done = subprocess.run([sys.executable, "-c", APPLY], env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", APPLY], env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
