@@ -677,12 +677,14 @@ def gate_calibrate(
     from incremental.calibration import calibrate, flip_risks
     from incremental.layout import SCORES
     from incremental.modeling import Hardware, load_scoring_model, resolve_base
+    from incremental.threads import apply_threads
 
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
     current = registry.current()
     if current is None:
         raise CliInputError(f"{model} is in base mode: calibrate needs a current version to score against itself")
+    apply_threads(settings)
     _, plan = _next_run_data(settings, model, registry, current, run_config)
     hardware = Hardware.from_settings(settings)
     scorer, tokenizer = load_scoring_model(resolve_base(settings), hardware, {"current": registry.adapter_dir(current)})
