@@ -51,6 +51,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/history_scaling.py
 	$(BIN)/python benchmarks/gate_quality.py
 	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) demo-run

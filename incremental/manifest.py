@@ -69,6 +69,15 @@ class TrainingRecord(BaseModel):
     target_tokens: int
     wall_seconds: float
     n_truncated: int = Field(0, description="Train examples cut to max_length.")
+    # Throughput over `Trainer.train` alone (see throughput.py); None in manifests written before it was measured.
+    tokens_per_second: float | None = Field(None, description="Real (non-padding) input tokens trained per second.")
+    pad_per_real_token: float | None = Field(None, description="Padding positions per real token in the training batches.")
+    mfu: float | None = Field(
+        None, description="Model FLOPs utilization: LoRA model FLOPs of the real tokens per second over `peak_flops`."
+    )
+    peak_flops: float | None = Field(
+        None, description="The device's measured peak (FLOP/s): a timed float32 matrix product on CPU, bfloat16 on CUDA."
+    )
 
 
 class GateRecord(BaseModel):

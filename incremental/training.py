@@ -4,7 +4,10 @@ the run's train split, with the Hugging Face Trainer, and save it as safetensors
 Knows nothing about feedback, gates or the registry: it receives the parent's adapter folder (or
 None), the dataset snapshot and the settings, and writes `adapter_model.safetensors` and
 `adapter_config.json` into an output folder. Each run starts a fresh optimizer and schedule
-(continue, not resume: the parent's optimizer state belongs to the parent's data).
+(continue, not resume: the parent's optimizer state belongs to the parent's data). Every run
+measures its throughput (real tokens/s, padding, MFU against the device's measured peak; see
+`throughput.py`), logs it and returns it in the TrainingRecord. `train_adapter` needs only torch,
+transformers and pydantic: loading models and reading snapshots is imported by `train_candidate`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from incremental.config import RunConfig, TrainSettings
-from incremental.dataset import IGNORE_INDEX, DatasetSnapshot, tokenize_train
 from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.manifest import TrainingRecord
-from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, count_trainable, load_base, load_tokenizer
+from incremental.throughput import CountingCollator, LoraFlops, TokenTally, measured_peak, mfu
+
+if TYPE_CHECKING:
+    from incremental.dataset import DatasetSnapshot
+    from incremental.modeling import Hardware, ResolvedBase
 
 log = logging.getLogger("incremental")
 
@@ -36,6 +43,13 @@ class TrainResult:
     train_loss: float | None
     target_tokens: int
     wall_seconds: float
+    train_seconds: float  # `Trainer.train` alone: what the throughput figures divide by
+    real_tokens: int  # input tokens that were not padding, over the whole run
+    tokens_per_second: float  # real tokens / train_seconds
+    pad_per_real_token: float | None  # padded positions per real token (0: no padding)
+    flops: float  # model FLOPs of the run (throughput.LoraFlops)
+    peak_flops: float  # the device's measured peak, FLOP/s
+    mfu: float  # flops / train_seconds / peak_flops
 
 
 def train_candidate(
@@ -49,8 +63,15 @@ def train_candidate(
     *,
     progress: ProgressFn | None = None,
     show_progress_bar: bool = True,
+    peak_cache: Path | None = None,
 ) -> TrainingRecord:
-    """Load base (+ parent adapter, trainable), train on the snapshot's train split, save the adapter."""
+    """Load base (+ parent adapter, trainable), train on the snapshot's train split, save the adapter.
+
+    `peak_cache`: the JSON file that keeps the device's measured peak between processes (see
+    `train_adapter`)."""
+    from incremental.dataset import tokenize_train
+    from incremental.modeling import attach_trainable_adapter, count_trainable, load_base, load_tokenizer
+
     started = time.perf_counter()
     if parent_adapter is None:
         log.info("[INCREMENTAL] Loading base model (no previous fine-tuning found)")
@@ -58,8 +79,9 @@ def train_candidate(
         log.info("[INCREMENTAL] Loading previous fine-tuned model: %s", parent_name)
     tokenizer = load_tokenizer(base.source, base.load_revision)
     model = attach_trainable_adapter(
-        load_base(base.source, base.load_revision, hardware), parent_adapter, config.lora, hardware
-    )
+        load_base(base.source, base.load_revision, hardware), parent_adapter, config.lora, hardware,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )  # fmt: skip
     if parent_adapter is not None:
         log.info("[INCREMENTAL] ✅ Successfully loaded fine-tuned model! Continuing %s", parent_name)
     dataset, n_truncated = tokenize_train(snapshot.read_train(), tokenizer, config.train.max_length)
@@ -72,6 +94,7 @@ def train_candidate(
         device=hardware.device,
         progress=progress,
         show_progress_bar=show_progress_bar,
+        peak_cache=peak_cache,
     )
     return TrainingRecord(
         mode="base" if parent_adapter is None else "incremental",
@@ -84,17 +107,21 @@ def train_candidate(
         target_tokens=result.target_tokens,
         wall_seconds=round(time.perf_counter() - started, 3),
         n_truncated=n_truncated,
+        tokens_per_second=round(result.tokens_per_second, 1),
+        pad_per_real_token=None if result.pad_per_real_token is None else round(result.pad_per_real_token, 4),
+        mfu=round(result.mfu, 4),
+        peak_flops=round(result.peak_flops),
     )
 
 
 class _ReportProgress(TrainerCallback):
     """Progress while training, for people watching a run: a log line at each logging step (step, loss,
-    real tokens/s, ETA) that the flow sends to the Prefect run's logs, and every optimizer step to
+    real tokens/s so far, ETA) that the flow sends to the Prefect run's logs, and every optimizer step to
     `progress` (the Prefect task turns it into a progress artifact)."""
 
-    def __init__(self, progress: ProgressFn | None, real_tokens_per_epoch: int, epochs: float):
+    def __init__(self, progress: ProgressFn | None, tally: TokenTally):
         self.progress = progress
-        self.real_tokens = real_tokens_per_epoch * epochs  # input tokens that are not padding, whole run
+        self.tally = tally  # what the batches built so far held (the collator counts them)
         self.started = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -109,8 +136,7 @@ class _ReportProgress(TrainerCallback):
             return
         elapsed = time.perf_counter() - self.started
         done = state.global_step / state.max_steps
-        # Batches differ in length; the run's average real tokens per step is close enough to watch.
-        tokens_per_s = self.real_tokens * done / elapsed if elapsed > 0 else 0.0
+        tokens_per_s = self.tally.tokens / elapsed if elapsed > 0 else 0.0
         eta = elapsed * (1 - done) / done if done > 0 else float("nan")
         log.info(
             "[INCREMENTAL] step %d/%d loss %.4f, %.0f tokens/s, ETA %s",
@@ -136,12 +162,24 @@ def train_adapter(
     device: str,
     progress: ProgressFn | None = None,
     show_progress_bar: bool = True,
+    peak_cache: Path | None = None,
 ) -> TrainResult:
-    """Train `model`'s trainable adapter on a tokenized dataset and save only the adapter files."""
+    """Train `model`'s trainable adapter on a tokenized dataset and save only the adapter files.
+
+    Throughput is measured over `Trainer.train` alone (model loading and saving excluded): the real
+    tokens the batches held (counted by the collator), their padding, and the model FLOPs they needed
+    against the device's peak, measured once and kept in `peak_cache` (a JSON file; None keeps it for
+    this process only).
+    """
     started = time.perf_counter()
     steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
     total_steps = math.ceil(steps_per_epoch * settings.epochs)
-    real_tokens_per_epoch = sum(len(example["input_ids"]) for example in dataset)  # a Dataset or a list of rows
+    # Prompt tokens (dataset.IGNORE_INDEX) and padding carry the label the loss ignores, -100 by
+    # transformers' convention; read from the collator so this module needs no dataset import.
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    counting = CountingCollator(collate, ignore_index=collate.label_pad_token_id)
+    flops_model = LoraFlops.of(model)
+    peak = measured_peak(device, peak_cache)  # before the clock starts; in this thread (torch's thread count is per thread)
     with tempfile.TemporaryDirectory(prefix="incremental-trainer-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,  # the Trainer wants one; nothing is checkpointed mid-run
@@ -169,21 +207,39 @@ def train_adapter(
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
-            callbacks=[_ReportProgress(progress, real_tokens_per_epoch, settings.epochs)],
+            data_collator=counting,
+            callbacks=[_ReportProgress(progress, counting.tally)],
         )
+        train_started = time.perf_counter()
         output = trainer.train()
+        train_seconds = time.perf_counter() - train_started
     model.save_pretrained(str(output_dir), safe_serialization=True)
     # PEFT also writes a model-card README; a version folder holds the adapter and manifest only.
     for extra in output_dir.iterdir():
         if extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             extra.unlink()
-    target_tokens = sum(sum(1 for label in example["labels"] if label != IGNORE_INDEX) for example in dataset)
-    loss = output.training_loss
-    return TrainResult(
+    tally = counting.tally
+    flops = flops_model.total(tally.tokens, tally.attended_pairs)
+    result = TrainResult(
         steps=output.global_step,
-        train_loss=float(loss) if loss is not None and math.isfinite(loss) else None,
-        target_tokens=int(target_tokens * settings.epochs),
+        train_loss=_finite(output.training_loss),
+        target_tokens=tally.targets,
         wall_seconds=time.perf_counter() - started,
+        train_seconds=train_seconds,
+        real_tokens=tally.tokens,
+        tokens_per_second=tally.tokens / train_seconds,
+        pad_per_real_token=tally.pad_per_real_token,
+        flops=flops,
+        peak_flops=peak,
+        mfu=mfu(flops, train_seconds, peak),
     )
+    log.info(
+        "[INCREMENTAL] Trained %d steps: %.0f real tokens/s, %.2f pad tokens per real token, "
+        "MFU %.1f%% of a measured peak of %.1f GFLOP/s",
+        result.steps, result.tokens_per_second, result.pad_per_real_token or 0.0, 100 * result.mfu, peak / 1e9,
+    )  # fmt: skip
+    return result
 
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
