@@ -52,6 +52,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/gate_quality.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/flow_overhead.py
 
 clean:
 	rm -rf $(VENV) demo-run
