@@ -194,6 +194,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
         evaluation=cost,
         wall_seconds=round(time.perf_counter() - started, 1),
         stage_seconds=dict(progress.seconds),
+        training=training.model_dump(include={"steps", "tokens_per_second", "pad_per_real_token", "mfu", "peak_flops"}),
     )
 
 

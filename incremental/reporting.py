@@ -42,6 +42,7 @@ class RunSummary(BaseModel):
     evaluation: dict = {}
     wall_seconds: float = 0.0  # from resolving the parent to the decision (the slot wait excluded)
     stage_seconds: dict[str, float] = {}  # each stage's wall time as the flow saw it, by task name
+    training: dict = {}  # steps, tokens_per_second, pad_per_real_token, mfu, peak_flops (manifest.TrainingRecord)
 
     def overhead_seconds(self) -> float | None:
         """The run's time outside its stages: the flow's own bookkeeping between them."""
@@ -64,6 +65,8 @@ class RunSummary(BaseModel):
                 lines += [f"Gate verdict: **{self.verdict}**", "", verdict_table_markdown(self.checks), ""]
             if self.n_held:
                 lines += [f"The gate blamed this batch: {self.n_held} rows are held until a person releases or excludes them.", ""]
+            if self.training.get("tokens_per_second"):
+                lines += [_training_line(self.training), ""]
             if self.stage_seconds:
                 slowest = sorted(self.stage_seconds.items(), key=lambda item: -item[1])[:4]
                 shown = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in slowest)
@@ -71,6 +74,14 @@ class RunSummary(BaseModel):
             lines += ["Reasons:"]
         lines += [f"- {reason}" for reason in self.reasons]
         return "\n".join(lines) + "\n"
+
+
+def _training_line(record: dict) -> str:
+    mfu, peak = record.get("mfu"), record.get("peak_flops")
+    efficiency = f", MFU {100 * mfu:.1f} % of a measured {peak / 1e9:,.0f} GFLOP/s peak" if mfu and peak else ""
+    padding = record.get("pad_per_real_token")
+    padded = f", {padding:.2f} pad tokens per real token" if padding is not None else ""
+    return f"Training: {record.get('steps')} steps, {record['tokens_per_second']:,.0f} real tokens/s{padded}{efficiency}."
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ def test_states_and_artifacts_say_what_happened(prefect_api, env, store):
     assert {"collect-feedback", "train-candidate", "evaluate-candidate", "finalize-version"} <= set(summary.stage_seconds)
     assert 0 < summary.stage_seconds["train-candidate"] < summary.wall_seconds
     assert summary.overhead_seconds() is not None and "Time:" in summary.to_markdown()
+    # Throughput of the training, measured in the run: in the summary (and its artifact) and the manifest.
+    assert summary.training["tokens_per_second"] > 0 and 0 < summary.training["mfu"] < 1.5
+    assert "real tokens/s" in summary.to_markdown() and "MFU" in summary.to_markdown()
+    recorded = Registry(env.models_root, model).get(summary.version).manifest.training
+    assert recorded.tokens_per_second == summary.training["tokens_per_second"]
 
     store.add_many(synthetic_feedback(20, 2, model=model))
     strict = QUICK.model_copy(update={"gate": QUICK.gate.model_copy(update={"min_eval_examples": 10_000})})
