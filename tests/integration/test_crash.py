@@ -109,6 +109,20 @@ def _point_settings_at(env: pytest.MonkeyPatch, folder: Path, small_base: Path) 
     return values
 
 
+def _free_the_slot_of_a_killed_run(model: str) -> None:
+    """The killed run still holds the model's retrain slot. A real server's lease repossessor frees it
+    when the dead run's lease expires (flows/model_slot.py: 10 min); the test harness runs no
+    repossessor, so the test frees it as that service would, or the next run waits for good."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from flows.model_slot import slot_name
+
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(slot_name(model)).active_slots == 1
+        client.update_global_concurrency_limit(slot_name(model), GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
 def _feedback_rows(path: Path) -> list[tuple]:
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute("SELECT * FROM feedback ORDER BY id").fetchall()
@@ -133,6 +147,7 @@ def test_kill_9_at_each_stage_leaves_a_consistent_state(point, after_v1, small_b
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-4000:]
+    _free_the_slot_of_a_killed_run("tiny")
 
     # The pointer names the old version or a complete new one, and whatever is listed loads.
     current = registry.current()
@@ -216,7 +231,10 @@ def test_a_killed_cli_run_takes_its_temporary_prefect_server_with_it(after_v1, s
             run.wait()
 
 
-def test_two_runs_started_together_on_one_model_promote_at_most_one(after_v1, small_base, tmp_path, monkeypatch):
+def test_two_runs_started_together_on_one_model_train_it_once(after_v1, small_base, tmp_path, monkeypatch):
+    """Two processes, one model: the model's retrain slot lets one train; the other waits for it and
+    then finds nothing new. (Compare-and-swap, the last line of defence when runs do not share a
+    Prefect server, is tested in tests/unit/test_registry.py.)"""
     import os
 
     from prefect.settings import PREFECT_API_URL
@@ -232,16 +250,13 @@ def test_two_runs_started_together_on_one_model_promote_at_most_one(after_v1, sm
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]  # fmt: skip
-    outputs = [run.communicate(timeout=600) for run in runs]
+    outputs = [run.communicate(timeout=900) for run in runs]
     for run, (out, err) in zip(runs, outputs):
         assert run.returncode == 0, out[-2000:] + err[-4000:]
     children = [v for v in registry.versions() if v.manifest.parent == v1]
-    assert len(children) == 2
-    promoted = [v.name for v in children if v.promotion_state == "promoted"]
-    assert len(promoted) <= 1 and registry.current() in (v1, *promoted)
-    for version in children:
-        if version.name not in promoted and version.manifest.gate.verdict == "accept":
-            assert "no longer current" in version.manifest.promotion.reason
+    assert len(children) == 1 and children[0].promotion_state == "promoted" and registry.current() == children[0].name
+    headlines = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
+    assert "accepted and promoted" in headlines[1] and headlines[0].startswith("Skipped: no new feedback"), headlines
     assert _feedback_rows(folder / "feedback.duckdb") == rows_before
 
 
