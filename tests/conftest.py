@@ -89,6 +89,16 @@ def env(tmp_path, small_base, monkeypatch):
     return Settings()
 
 
+@pytest.fixture
+def env_store(env):
+    """The feedback store at the `env` fixture's DuckDB file (the one the flow and the CLI use), initialized."""
+    from incremental.feedback import FeedbackStore
+
+    created = FeedbackStore(env.db_path)
+    created.init()
+    return created
+
+
 def case_table(n: int, seed: int):
     """Synthetic cases as the Arrow columns the dataset stage reads (id, artifact_type, prompt, target)."""
     import pyarrow as pa

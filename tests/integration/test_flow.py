@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from incremental.config import DataSettings, GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
-from incremental.feedback import FeedbackStore
 from incremental.layout import STAGING_DIR
 from incremental.registry import Registry
 from incremental.evaluation import evidence_from_table
@@ -33,10 +32,8 @@ FAST = RunConfig(
 
 
 @pytest.fixture
-def store(env):
-    store = FeedbackStore(env.db_path)
-    store.init()
-    return store
+def store(env_store):
+    return env_store
 
 
 def retrain(**kwargs):

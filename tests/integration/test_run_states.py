@@ -15,7 +15,6 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.concurrency.sync import concurrency
 
 from incremental.config import GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
-from incremental.feedback import FeedbackStore
 from incremental.layout import STAGING_DIR
 from incremental.registry import Registry
 from incremental.synthetic import poisoned_feedback, synthetic_feedback
@@ -36,10 +35,8 @@ QUICK = RunConfig(
 
 
 @pytest.fixture
-def store(env):
-    store = FeedbackStore(env.db_path)
-    store.init()
-    return store
+def store(env_store):
+    return env_store
 
 
 def retrain(**kwargs):
