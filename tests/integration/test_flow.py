@@ -163,7 +163,7 @@ def test_a_batch_the_gate_blames_is_held_until_released(prefect_api, env, store)
 
     with get_client(sync_client=True) as client:
         tables = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])))
-    verdict_tables = [t for t in tables if rejected.version in (t.description or "")]
+    verdict_tables = [t for t in tables if (t.description or "").startswith(f"Gate verdict for {rejected.version}")]
     assert verdict_tables and "reject" in verdict_tables[0].description
     rows = json.loads(verdict_tables[0].data) if isinstance(verdict_tables[0].data, str) else verdict_tables[0].data
     assert {"metric", "slice", "interval", "verdict"} <= set(rows[0])
