@@ -152,22 +152,22 @@ def test_a_model_name_that_is_a_path_is_refused_by_every_command(seeded: Path, c
     assert not (seeded / "out.jsonl").exists()
 
 
-def test_runs_without_a_prefect_api_says_how_to_get_one(seeded: Path) -> None:
+def run_cli_without_a_prefect_api(seeded: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a process with no PREFECT_API_URL (the test session's harness sets one)."""
     environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    done = subprocess.run(
-        [sys.executable, "-c", "from cli.main import main; main()", "runs"],
+    return subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", *args],
         capture_output=True, text=True, timeout=120, env={**environment, "INCREMENTAL_DB_PATH": str(seeded / "feedback.duckdb")},
     )  # fmt: skip
-    assert_one_line(done, "PREFECT_API_URL is not set", "prefect server start")
+
+
+def test_runs_without_a_prefect_api_says_how_to_get_one(seeded: Path) -> None:
+    assert_one_line(run_cli_without_a_prefect_api(seeded, "runs"), "PREFECT_API_URL is not set", "prefect server start")
 
 
 def test_serve_without_a_prefect_server_says_how_to_get_one(seeded: Path) -> None:
     """A temporary server would take the deployments and never fire a schedule: refused, one line."""
-    environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    done = subprocess.run(
-        [sys.executable, "-c", "from cli.main import main; main()", "serve"],
-        capture_output=True, text=True, timeout=120, env={**environment, "INCREMENTAL_DB_PATH": str(seeded / "feedback.duckdb")},
-    )  # fmt: skip
+    done = run_cli_without_a_prefect_api(seeded, "serve")
     assert_one_line(done, "serve needs a Prefect server", "prefect server start", "PREFECT_API_URL")
 
 

@@ -135,12 +135,18 @@ def test_run_while_another_holds_the_slot_ends_skipped(prefect_api, small_base, 
 # -- --json documents ---------------------------------------------------------------------------
 
 
-def test_status_json_equals_the_library(tree: Path) -> None:
+def _hold_new_rows(tree: Path, count: int) -> tuple[Registry, FeedbackStore, str | None, list[str]]:
+    """Hold the first `count` new rows of model tiny; returns the registry, store, current version and lineage."""
     registry, store = Registry(tree / "finetuned_models", "tiny"), FeedbackStore(tree / "feedback.duckdb")
     current = registry.current()
     lineage = registry.lineage(current) if current else []
-    held = store.collect("tiny", lineage).new.column("id").to_pylist()[:2]
+    held = store.collect("tiny", lineage).new.column("id").to_pylist()[:count]
     store.mark("tiny", held, "hold", reason="checking", actor="test")
+    return registry, store, current, lineage
+
+
+def test_status_json_equals_the_library(tree: Path) -> None:
+    registry, store, current, lineage = _hold_new_rows(tree, 2)
 
     status = invoke_json("status")
 
@@ -176,11 +182,7 @@ def test_versions_json_lists_the_table_rows_and_explains_a_verdict(tree: Path) -
 
 
 def test_dataset_preview_json_counts_equal_the_library(tree: Path) -> None:
-    registry, store = Registry(tree / "finetuned_models", "tiny"), FeedbackStore(tree / "feedback.duckdb")
-    current = registry.current()
-    lineage = registry.lineage(current) if current else []
-    held = store.collect("tiny", lineage).new.column("id").to_pylist()[:3]
-    store.mark("tiny", held, "hold", reason="checking", actor="test")
+    registry, store, current, lineage = _hold_new_rows(tree, 3)
 
     preview = invoke_json("dataset", "preview", "--examples", "4")
 
