@@ -160,7 +160,8 @@ QUICK = RunConfig.model_validate(
     {
         "train": {"epochs": 1, "batch_size": 16, "learning_rate": 5e-3, "max_length": 256},
         "gate": {
-            "target_nll": {"margin": 1.0}, "prompt_gain": {"margin": 0.03, "gated": False}, "min_eval_examples": 1,
+            "target_nll": {"margin": 1.0}, "preference_margin": {"margin": 1.0}, "prompt_gain": {"margin": 0.03, "gated": False},
+            "min_eval_examples": 1,
             "generation_rows": 2, "max_new_tokens": 16, "screening": {"enabled": False},
         },
     }

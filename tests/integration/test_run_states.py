@@ -27,7 +27,8 @@ pytestmark = pytest.mark.integration
 QUICK = RunConfig(
     train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=256),
     gate=GatePolicy(
-        target_nll=MetricRule(margin=1.0), prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1,
+        target_nll=MetricRule(margin=1.0), preference_margin=MetricRule(margin=1.0),
+        prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1,
         generation_rows=2, max_new_tokens=16,
         screening=ScreeningPolicy(enabled=False),
     ),
