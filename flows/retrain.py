@@ -166,6 +166,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
             held_ids=held,
             evaluation=cost,
             eval_window=collected.window_record(),
+            new_by_generating_version=collected.new_by_generating_version(),
         )
         result = call(finalize_version, settings, model, reservation, manifest)
         progress.reservation = None  # the version exists now: nothing to undo

@@ -48,6 +48,10 @@ class DataRecord(BaseModel):
     )
     screened_ids: tuple[str, ...] = Field((), description="New rows the screening held before training (not trained).")
     n_train_examples: int
+    new_by_generating_version: dict[str, int] = Field(
+        default_factory=dict,
+        description="New rows per version that generated their output (`generated_by`); 'unrecorded' when a row names none.",
+    )
     eval_window: dict = Field(
         default_factory=dict,
         description="How the eval rows were chosen: the per-type bound and anchors, and rows available vs scored.",
@@ -195,6 +199,7 @@ def draft_manifest(
     held_ids: tuple[str, ...] = (),
     evaluation: dict | None = None,
     eval_window: dict | None = None,
+    new_by_generating_version: dict[str, int] | None = None,
 ) -> Manifest:
     """The manifest of a finished candidate, before the registry settles status and promotion.
 
@@ -221,6 +226,7 @@ def draft_manifest(
             screened_ids=screened_ids,
             n_train_examples=len(snapshot.new_ids) + len(snapshot.replay_ids),
             eval_window=eval_window or {},
+            new_by_generating_version=new_by_generating_version or {},
         ),
         training=training,
         scores=scores,

@@ -7,7 +7,8 @@ while a run trains. Knows nothing about versions beyond their names: the caller 
 
 One module per job: `database` (the file, connections, migrations), `ingest` (validated rows and
 file imports/exports), `lineage` (new / learned / eval for a lineage), `ledger` (what each version
-trained on), `marks` (holds and exclusions), `scores` (the parent-score cache).
+trained on), `marks` (holds and exclusions), `scores` (the parent-score cache), `generations` (what the
+served model generated, and ratings by generation id).
 """
 
 from incremental.feedback.database import (
@@ -15,6 +16,13 @@ from incremental.feedback.database import (
     FeedbackSchemaError,
     FeedbackStoreLockedError,
     split_for,
+)
+from incremental.feedback.generations import (
+    AlreadyRatedError,
+    Generation,
+    Generations,
+    UnknownGenerationError,
+    new_generation_id,
 )
 from incremental.feedback.ingest import EXPORT_FORMATS, IMPORT_FORMATS, FeedbackIngest, FeedbackInput, ImportReport
 from incremental.feedback.ledger import ConsumptionLedger
@@ -24,6 +32,10 @@ from incremental.feedback.scores import ScoreCache
 
 __all__ = [
     "EXPORT_FORMATS",
+    "AlreadyRatedError",
+    "Generation",
+    "UnknownGenerationError",
+    "new_generation_id",
     "IMPORT_FORMATS",
     "MARK_ACTIONS",
     "SCHEMA_VERSION",
@@ -40,7 +52,7 @@ __all__ = [
 ]
 
 
-class FeedbackStore(FeedbackIngest, LineageQueries, ConsumptionLedger, RowMarks, ScoreCache):
+class FeedbackStore(Generations, LineageQueries, ConsumptionLedger, RowMarks, ScoreCache):
     """Feedback rows, the ledger, marks and the score cache in one DuckDB file (see `database.FeedbackDatabase`).
 
     Every method opens the file, does its work and closes it. When another process holds the

@@ -121,6 +121,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "DROP TABLE runs",
     ),
+    (
+        # v4: what the served model generated, so a rating names the generation instead of copying
+        # its notes and output, and the feedback row knows the version that produced it.
+        """
+        CREATE TABLE generations (
+            id            VARCHAR PRIMARY KEY,
+            model         VARCHAR NOT NULL,
+            version       VARCHAR,
+            artifact_type VARCHAR NOT NULL CHECK (artifact_type IN ('erd', 'api', 'prototype')),
+            notes         VARCHAR NOT NULL,
+            output        VARCHAR NOT NULL,
+            decoding      JSON NOT NULL,
+            created_at    TIMESTAMPTZ NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 MARK_ACTIONS: tuple[str, ...] = ("hold", "release", "exclude", "include")

@@ -11,6 +11,7 @@ pool comes back as ids; `rows()` fetches the text of the sampled ones.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from incremental.errors import IncrementalError
 from incremental.feedback.database import FeedbackDatabase, check_lineage, check_model, utcnow
 
 logger = logging.getLogger(__name__)
+
+UNRECORDED_GENERATOR = "unrecorded"  # a row whose generating version is not known
 
 # The columns of every text table `collect` returns. `target` is the correction when there is one,
 # else the output; `rejected_output` is the output a correction replaced (NULL otherwise).
@@ -128,6 +131,12 @@ class CollectedFeedback:
     n_excluded: int = 0  # excluded for good: neither trained nor trusted (rows not fetched)
     available: dict[str, int] = field(default_factory=dict)  # rows per bucket before the window
     window: EvalWindow = EvalWindow()
+
+    def new_by_generating_version(self) -> dict[str, int]:
+        """How many new rows each version generated (`generated_by`), for the manifest; rows that
+        name none (imported, or generated before generations were recorded) count as 'unrecorded'."""
+        counts = Counter(value or UNRECORDED_GENERATOR for value in self.new.column("generated_by").to_pylist())
+        return dict(sorted(counts.items()))
 
     def window_record(self) -> dict[str, Any]:
         """How the eval rows were chosen, for the manifest."""
