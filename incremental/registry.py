@@ -562,6 +562,20 @@ class Registry:
 
     # ---- writing -----------------------------------------------------------------------------
 
+    def next_number(self) -> int:
+        """The N the next reservation would get (informational: `reserve` decides under the lock)."""
+        return max(self._used_numbers(), default=0) + 1
+
+    def rollback_targets(self) -> list[str]:
+        """Accepted versions, newest first, other than the current one, that `rollback` would accept
+        (manifests only: the files are checked when a rollback actually moves the pointer)."""
+        current = self.current()
+        return [
+            info.name
+            for info in sorted(self.versions(check_files=False), key=lambda info: -info.number)
+            if info.name != current and not info.problems and info.manifest is not None and info.manifest.status == "accepted"
+        ]
+
     def _used_numbers(self) -> list[int]:
         """Every N ever handed out that is still visible: version folders (finished or not), staging, pointer, history."""
         names: list[str] = []

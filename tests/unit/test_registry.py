@@ -420,6 +420,17 @@ def test_rollback_to_an_accepted_version_moves_the_pointer_and_is_recorded(regis
     }
 
 
+def test_rollback_targets_are_the_other_accepted_versions_newest_first(registry: Registry):
+    assert (registry.next_number(), registry.rollback_targets()) == (1, [])
+    v1 = make_version(registry, None, now=T0)
+    v2 = make_version(registry, v1.name, now=T0 + timedelta(hours=1))
+    make_version(registry, v2.name, status="rejected", now=T0 + timedelta(hours=2))
+    assert registry.rollback_targets() == [v1.name]  # not the current v2, never the rejected v3
+    registry.rollback(v1.name)
+    assert registry.rollback_targets() == [v2.name]
+    assert registry.next_number() == 4
+
+
 def test_rollback_to_the_current_version_is_a_reported_no_op(registry: Registry):
     v1 = make_version(registry, None)
     lines = registry.history()
