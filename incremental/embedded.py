@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from incremental.errors import ConfigurationError
+from incremental.files import share_tree_with_group
 from incremental.layout import is_junk
 from incremental.synthetic import RELATED_TASKS, generate_cases, related_task_pairs
 
@@ -141,6 +142,7 @@ def ensure_embedded_base(cache_dir: Path, spec: EmbeddedBaseSpec = EmbeddedBaseS
             info = _build(spec, staging)
             _record_file_hashes(staging)
             (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            share_tree_with_group(staging)  # mkdtemp and safetensors write 0700/0600: servers of the group read it
             staging.rename(final)
         except BaseException:  # interrupts too: a half-built staging folder must not survive
             shutil.rmtree(staging, ignore_errors=True)

@@ -150,6 +150,29 @@ def locate_base(ref: BaseModelRef, settings: Settings) -> ResolvedBase:
     return built
 
 
+def adapter_base_reference(base: ResolvedBase) -> tuple[str, str | None]:
+    """How a saved adapter names its base: (`base_model_name_or_path`, `revision`) of its adapter_config.json.
+
+    Plain PEFT (`AutoPeftModelForCausalLM.from_pretrained(version_folder)`, TGI, LoRAX) reads these,
+    so they must hold on any machine the folder is copied to, never this machine's cache path: a hub
+    base is its id and pinned revision; the embedded base is `embedded/<hash>`, a path relative to the
+    folder that holds the embedded cache (`~/.cache/incremental` for the default
+    INCREMENTAL_EMBEDDED_CACHE_DIR); a local folder base is the path as configured. Loading in this
+    project never reads them: it takes the base from the version's manifest.
+    """
+    if base.ref.id == EMBEDDED_BASE:
+        return f"{EMBEDDED_BASE}/{base.ref.revision}", None
+    return base.ref.id, base.load_revision
+
+
+def name_base_in_adapter(model: PeftModel, base: ResolvedBase) -> None:
+    """Make `model`'s adapter configs name `base` portably (see `adapter_base_reference`) before it is saved."""
+    name, revision = adapter_base_reference(base)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = name
+        config.revision = revision
+
+
 def resolve_base_for(settings: Settings, parent_name: str | None, parent_base: BaseModelRef | None) -> ResolvedBase:
     """The base named by the settings (built on first use if embedded), refused unless it is the
     parent's (an adapter only continues on the base it was trained on) and unless the device and
@@ -305,7 +328,10 @@ def load_adapter(model, adapter_dir: Path, *, adapter_name: str = "default", is_
         raise ConfigurationError(
             f"the adapter of {adapter_dir.name} ({adapter_dir}) does not fit {base_name}: {detail}; {fix}"
         ) from exc
-    expected = {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    # save_embedding_layers=False: "auto" would look up the config named by `base_model_name_or_path`
+    # (`embedded/<hash>` is relative, so on the hub) to see whether the vocabulary grew; it never does here.
+    expected_state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    expected = {key: tuple(tensor.shape) for key, tensor in expected_state.items()}
     with safe_open(str(adapter_dir / layout.ADAPTER_WEIGHTS), framework="pt") as weights:
         stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
     mismatches = [f"{key} is not in the adapter file" for key in sorted(set(expected) - set(stored))]

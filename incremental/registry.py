@@ -6,7 +6,8 @@ the gate: it is told a version's verdict in its manifest and decides only what h
 Every file of a version is hashed into its manifest at finalize and checked before the version is
 loaded, trained from or rolled back to; listing reports a damaged version instead of failing.
 Reads take no lock (the pointer is replaced atomically, versions appear by rename); reservations,
-finalization and rollbacks are serialized by `.registry.lock`.
+finalization and rollbacks are serialized by `.registry.lock`. What it writes is readable by the
+group (`share_with_group`), so a serving process of another user can load a version.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from incremental import layout
 from incremental.errors import RegistryError
+from incremental.files import share_with_group
 from incremental.manifest import BaseModelRef, Manifest, PromotionRecord
 
 __all__ = ["FinalizeResult", "PromotionState", "Registry", "Reservation", "RollbackResult", "VersionInfo"]
@@ -153,6 +155,7 @@ def _write_atomic(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    share_with_group(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -714,6 +717,7 @@ class Registry:
             entries = self._check_staging(reservation)
             files = {name: _sha256(path) for name, path in sorted(entries.items())}
             for path in entries.values():
+                share_with_group(path)
                 _fsync_file(path)
         except FileNotFoundError:
             self._check_staging(reservation)  # names what happened: already finalized, or released
@@ -766,6 +770,8 @@ class Registry:
                 handle.write(final.to_json())
                 handle.flush()
                 os.fsync(handle.fileno())
+            share_with_group(reservation.staging_dir / layout.MANIFEST)
+            share_with_group(reservation.staging_dir)
             _fsync_dir(reservation.staging_dir)
             destination = self.root / reservation.name
             os.rename(reservation.staging_dir, destination)
@@ -868,10 +874,13 @@ class Registry:
                 handle.seek(-1, os.SEEK_END)
                 if handle.read(1) != b"\n":
                     line = "\n" + line
+        created = not path.exists()
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        if created:
+            share_with_group(path)
 
 
     # ---- maintenance, for `incremental.doctor`: hold `lock()` around each call -------------------

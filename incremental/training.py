@@ -70,7 +70,7 @@ def train_candidate(
     `peak_cache`: the JSON file that keeps the device's measured peak between processes (see
     `train_adapter`)."""
     from incremental.dataset import tokenize_train
-    from incremental.modeling import attach_trainable_adapter, count_trainable, load_base, load_tokenizer
+    from incremental.modeling import attach_trainable_adapter, count_trainable, load_base, load_tokenizer, name_base_in_adapter
 
     started = time.perf_counter()
     if parent_adapter is None:
@@ -82,6 +82,9 @@ def train_candidate(
         load_base(base.source, base.load_revision, hardware), parent_adapter, config.lora, hardware,
         gradient_checkpointing=config.train.gradient_checkpointing,
     )  # fmt: skip
+    # The saved adapter_config.json names the base by its id, not this machine's path to it, so the
+    # version folder loads with plain PEFT elsewhere (the registry hashes the file as saved).
+    name_base_in_adapter(model, base)
     if parent_adapter is not None:
         log.info("[INCREMENTAL] ✅ Successfully loaded fine-tuned model! Continuing %s", parent_name)
     dataset, n_truncated = tokenize_train(snapshot.read_train(), tokenizer, config.train.max_length)
@@ -213,7 +216,9 @@ def train_adapter(
         train_started = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - train_started
-    model.save_pretrained(str(output_dir), safe_serialization=True)
+    # save_embedding_layers=False: training never resizes the vocabulary, and "auto" would look the
+    # base up by the adapter config's portable name, on the hub for `embedded/<hash>`.
+    model.save_pretrained(str(output_dir), safe_serialization=True, save_embedding_layers=False)
     # PEFT also writes a model-card README; a version folder holds the adapter and manifest only.
     for extra in output_dir.iterdir():
         if extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
