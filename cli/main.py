@@ -188,20 +188,26 @@ def status(model: ModelOption = None, as_json: JsonOption = False) -> None:
                 "mode": "incremental" if current else "base",
                 "base_model": str(settings.base_model),
                 "current": current,
+                "next_version_number": registry.next_number(),
                 "lineage": lineage,
+                "rollback_targets": [*registry.rollback_targets(), *(["base"] if current else [])],
                 "problems": registry.verify(current) if current else [],
                 "interrupted": registry.interrupted(),
                 "feedback": dataclasses.asdict(counts),
             }
         )
         return
+    next_number = registry.next_number()
     if current is None:
         console.print(
-            f"🆕 [bold]Base Mode[/]: no accepted version of [bold]{_safe(model)}[/]; the next training starts from the "
-            f"base model ({_safe(settings.base_model)})."
+            f"🆕 [bold]Base Mode[/]: no accepted version of [bold]{_safe(model)}[/]; next training will be "
+            f"[bold]v{next_number}[/], from the base model ({_safe(settings.base_model)})."
         )
     else:
-        console.print(f"🔄 [bold]Incremental Mode[/]: current version [bold]{_safe(current)}[/]; the next training builds on it.")
+        console.print(
+            f"🔄 [bold]Incremental Mode[/]: loaded [bold]{_safe(current)}[/]; next training builds on "
+            f"[bold]{_safe(current)}[/] (as v{next_number})."
+        )
         console.print(f"Lineage: {_safe(' ← '.join(lineage))} ← base")
         problems = registry.verify(current)
         if problems:
@@ -209,6 +215,9 @@ def status(model: ModelOption = None, as_json: JsonOption = False) -> None:
                 f"[red]⚠ {_safe(current)} is damaged[/]: {_safe('; '.join(problems))}. Serving and runs refuse it; "
                 "`incremental doctor` explains, `incremental rollback <version>` moves off it."
             )
+    targets = [*registry.rollback_targets(), *(["base"] if current else [])]
+    if targets:
+        console.print(f"Can roll back to: {_safe(', '.join(targets))} (`incremental rollback VERSION`).")
     for name in registry.interrupted():
         console.print(f"Note: {_safe(name)} was accepted, but its run stopped before it became current (see `incremental doctor`).")
     counts = store.counts(model, lineage, trusted_before=_accepted_at(registry, current))
@@ -289,6 +298,7 @@ def _verdict_record(registry: Registry, name: str) -> dict[str, Any]:
             "rejected": len(data.rejected_ids),
             "arrived_with_batch": len(data.arrived_with_batch_ids),
             "screened": len(data.screened_ids),
+            "new_by_generating_version": data.new_by_generating_version,
             "dataset_hash": data.dataset_hash,
             "eval_snapshot_hash": data.eval_snapshot_hash,
         },
@@ -930,6 +940,16 @@ def demo(
     from cli.demo import run_demo
 
     run_demo(workdir, console, seed=seed)
+
+
+# Commands kept in their own modules (each imports its heavy code inside the command).
+from cli import export as _export_commands  # noqa: E402
+from cli import report as _report_commands  # noqa: E402
+from cli import serving as _serving_commands  # noqa: E402
+
+_export_commands.register(app)
+_report_commands.register(app)
+_serving_commands.register(app)
 
 
 def main() -> None:

@@ -249,6 +249,9 @@ def explain_version(registry: Registry, name: str) -> str:
         f"Trained on {len(data.new_ids)} new + {len(data.replay_ids)} replayed rows; judged on {len(data.eval_ids)} eval rows "
         f"({len(data.arrived_with_batch_ids)} of the eval and rejected-output rows arrived with the batch and were not trusted).",
     ]
+    if data.new_by_generating_version:
+        shown = ", ".join(f"{count} by {version}" for version, count in data.new_by_generating_version.items())
+        lines.append(f"New rows by the version that generated them: {shown}.")
     if data.screened_ids:
         lines.append(f"Screening held {len(data.screened_ids)} suspect new rows before training.")
     if gate.held_ids:

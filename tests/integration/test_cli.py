@@ -30,7 +30,7 @@ def test_import_status_preview(env, tmp_path):
 
     status = runner.invoke(app, ["status"])
     assert status.exit_code == 0, status.output
-    assert "Base Mode" in status.output and "20 rows" in status.output
+    assert "Base Mode: no accepted version of tiny; next training will be v1" in status.output and "20 rows" in status.output
 
     preview = runner.invoke(app, ["dataset", "preview", "--examples", "2"])
     assert preview.exit_code == 0, preview.output

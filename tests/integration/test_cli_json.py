@@ -156,12 +156,22 @@ def test_status_json_equals_the_library(tree: Path) -> None:
         "mode": "incremental" if current else "base",
         "base_model": os.environ["INCREMENTAL_BASE_MODEL"],
         "current": current,
+        "next_version_number": len(registry.versions()) + 1,
         "lineage": lineage,
+        "rollback_targets": ["base"] if current else [],  # one version: current if accepted, so nothing else to go to
         "problems": [],
         "interrupted": [],
         "feedback": dataclasses.asdict(store.counts("tiny", lineage, trusted_before=trusted_before)),
     }
     assert status["feedback"]["held"] == 2 and status["feedback"]["total"] == 70
+
+    text = cli.invoke(app, ["status"]).output
+    next_name = f"v{status['next_version_number']}"
+    if current:
+        assert f"Incremental Mode: loaded {current}; next training builds on {current} (as {next_name})" in text
+        assert "Can roll back to: base (`incremental rollback VERSION`)" in text
+    else:
+        assert f"Base Mode: no accepted version of tiny; next training will be {next_name}, from the base model" in text
 
 
 def test_versions_json_lists_the_table_rows_and_explains_a_verdict(tree: Path) -> None:
@@ -178,6 +188,8 @@ def test_versions_json_lists_the_table_rows_and_explains_a_verdict(tree: Path) -
     assert explained["gate"]["reasons"] == list(manifest.gate.reasons)
     assert explained["gate"]["checks"] == json.loads(json.dumps(list(manifest.gate.checks)))
     assert explained["data"]["new"] == len(manifest.data.new_ids) == 40 - len(manifest.data.eval_ids) - len(manifest.data.rejected_ids)
+    # Synthetic rows name no generating version: the run's manifest counts them all as unrecorded.
+    assert explained["data"]["new_by_generating_version"] == {"unrecorded": len(manifest.data.new_ids)}
     assert explained["problems"] == []
 
 
