@@ -24,7 +24,7 @@ from incremental.feedback.generations import (
     UnknownGenerationError,
     new_generation_id,
 )
-from incremental.feedback.ingest import EXPORT_FORMATS, IMPORT_FORMATS, FeedbackIngest, FeedbackInput, ImportReport
+from incremental.feedback.ingest import EXPORT_FORMATS, IMPORT_FORMATS, FeedbackInput, ImportReport
 from incremental.feedback.ledger import ConsumptionLedger
 from incremental.feedback.lineage import CollectedFeedback, EvalWindow, FeedbackCounts, LineageQueries
 from incremental.feedback.marks import MARK_ACTIONS, RowMark, RowMarks
