@@ -30,8 +30,12 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersio
     store, scorer = open_store(settings), nll_scorer(hardware, max_length)
     cached = {}
     # The batch's own eval rows are screened too: held ones never become trusted evidence later.
+    # Rows a person released are not screened again: the release is their decision (DESIGN invariant 5).
     columns = ["id", "artifact_type", "prompt", "target", "source"]
-    batch = pa.concat_tables([collected.new.select(columns), collected.eval.filter(pc.invert(pc.field("trusted"))).select(columns)])
+    arrived = collected.eval.filter(pc.invert(pc.field("trusted")))
+    batch = pa.concat_tables(
+        [collected.without_released(collected.new).select(columns), collected.without_released(arrived).select(columns)]
+    )
     partners = config.gate.prompt_gain_partners
     if parent.name is not None:
         hashes = [triple_hash(*t) for t in screening_triples(batch, reference, partners)]
@@ -46,9 +50,10 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersio
         store.cache_scores(collected.model, parent.name, scorer, {h: (*v, None) for h, v in result.scores.items() if h not in cached})
     logger = get_run_logger()
     logger.info(
-        "[INCREMENTAL] Screening: %d of %d new rows (train and eval) suspect (%d trusted reference rows, %.1f s)",
+        "[INCREMENTAL] Screening: %d of %d new rows (train and eval) suspect (%d trusted reference rows, %.1f s)%s",
         len(result.suspects), len(result.rows), result.n_reference, result.wall_seconds,
-    )
+        f"; {n_released} rows a person released are not screened again" if (n_released := collected.new.num_rows + arrived.num_rows - batch.num_rows) else "",
+    )  # fmt: skip
     for row_id, reason in list(result.suspects.items())[:10]:
         logger.info("[INCREMENTAL]   held %s: %s", row_id, reason)
     return result

@@ -132,6 +132,13 @@ class CollectedFeedback:
     available: dict[str, int] = field(default_factory=dict)  # rows per bucket before the window
     window: EvalWindow = EvalWindow()
 
+    def without_released(self, table: pa.Table) -> pa.Table:
+        """The rows of `table` (`new` or `eval`) that no person has released. A row whose latest
+        hold/release mark is a release carries that release's reason in `hold_reason` (a held row is
+        never in `new` or `eval`), so a non-null `hold_reason` here means a person looked at the row
+        and let it through: screening must not hold it again."""
+        return table.filter(pc.is_null(table.column("hold_reason")))
+
     def new_by_generating_version(self) -> dict[str, int]:
         """How many new rows each version generated (`generated_by`), for the manifest; rows that
         name none (imported, or generated before generations were recorded) count as 'unrecorded'."""

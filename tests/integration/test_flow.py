@@ -201,6 +201,14 @@ def test_screening_holds_rows_that_are_not_what_they_claim(prefect_api, env, sto
     assert {m.actor for m in marks} == {"screening"} and all("does not parse as" in m.reason for m in marks)
     assert store.collect("tiny", []).eval.num_rows == 0
 
+    # A person looks at them and releases them: the next run trains on them, screening does not hold them again.
+    store.mark("tiny", [row["id"] for row in wrong], "release", reason="reviewed: they are right", actor="ana")
+    trained = retrain(config=screening)
+    manifest = Registry(env.models_root, "tiny").get(trained.version).manifest
+    assert trained.n_screened == 0 and manifest.data.screened_ids == ()
+    assert set(manifest.data.new_ids) | set(manifest.data.arrived_with_batch_ids) == {row["id"] for row in wrong}
+    assert [m.actor for m in store.marks("tiny", [wrong[0]["id"]])] == ["screening", "ana"]
+
 
 def write_config(env, config: RunConfig):
     path = env.db_path.parent / "run.json"
