@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from incremental import layout
+from incremental.feedback.lineage import UNRECORDED_GENERATOR
 from incremental.registry import Registry
 
 RunStatus = Literal["skipped", "accepted", "rejected"]
@@ -250,7 +251,10 @@ def explain_version(registry: Registry, name: str) -> str:
         f"({len(data.arrived_with_batch_ids)} of the eval and rejected-output rows arrived with the batch and were not trusted).",
     ]
     if data.new_by_generating_version:
-        shown = ", ".join(f"{count} by {version}" for version, count in data.new_by_generating_version.items())
+        shown = ", ".join(
+            f"{count} with none recorded" if version == UNRECORDED_GENERATOR else f"{count} by {version}"
+            for version, count in data.new_by_generating_version.items()
+        )
         lines.append(f"New rows by the version that generated them: {shown}.")
     if data.screened_ids:
         lines.append(f"Screening held {len(data.screened_ids)} suspect new rows before training.")
