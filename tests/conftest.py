@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def write_feedback_file(path: Path, rows: list[dict], *, ascii_json: bool = Fals
         columns = {name: pa.array([row.get(name) for row in rows]) for name in names}
         pq.write_table(pa.table({name: a.cast(pa.string()) if pa.types.is_null(a.type) else a for name, a in columns.items()}), path)
     return path
+
+
+def finalize_version(registry, base_id: str, write: Callable[[Path], None]) -> str:
+    """A promoted version of `registry` (its parent: the current one) whose staging folder `write` fills,
+    with a minimal accepted manifest; returns its name."""
+    from incremental.manifest import BaseModelRef, DataRecord, GateRecord, Manifest, TrainingRecord
+
+    parent = registry.current()
+    reservation = registry.reserve(parent)
+    write(reservation.staging_dir)
+    manifest = Manifest(
+        name=reservation.name, model=registry.model, parent=parent, status="accepted",
+        created_at=datetime.now(UTC), base_model=BaseModelRef(id=base_id), run_config={}, libraries={},
+        data=DataRecord(dataset_hash="a" * 64, eval_snapshot_hash="b" * 64, new_ids=(), replay_ids=(), eval_ids=(), n_train_examples=0),
+        training=TrainingRecord(mode="base", device="cpu", quantization="none", steps=1, epochs=1.0, train_loss=1.0,
+                                trainable_parameters=1, target_tokens=1, wall_seconds=0.1),
+        scores={"candidate": {}, "parent": {}}, gate=GateRecord(verdict="accept", reasons=("test",), policy={}),
+    )  # fmt: skip
+    result = registry.finalize(reservation, manifest)
+    assert result.promoted
+    return result.name

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import finalize_version as finalize
 from conftest import small_spec
 from incremental import layout
 from incremental.config import LoraSettings
@@ -22,7 +22,6 @@ from incremental.dataset import encode_examples
 from incremental.doctor import diagnose
 from incremental.embedded import FILE_HASHES, ensure_embedded_base
 from incremental.errors import ConfigurationError, RegistryError
-from incremental.manifest import BaseModelRef, DataRecord, GateRecord, Manifest, TrainingRecord
 from incremental.modeling import Hardware, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.registry import Registry
 from incremental.serving import generate_artifact, load_model
@@ -41,24 +40,6 @@ def save_adapter(base: torch.nn.Module, folder: Path, *, r: int = 4, alpha: int 
                 parameter.normal_(0.0, 0.05)
     model.save_pretrained(folder)
     (folder / "README.md").unlink()  # as training does: a version folder holds the adapter and manifest only
-
-
-def finalize(registry: Registry, base_id: str, write: callable) -> str:
-    """A version of `registry` whose staging folder `write` fills; returns its name."""
-    parent = registry.current()
-    reservation = registry.reserve(parent)
-    write(reservation.staging_dir)
-    manifest = Manifest(
-        name=reservation.name, model=registry.model, parent=parent, status="accepted",
-        created_at=datetime.now(timezone.utc), base_model=BaseModelRef(id=base_id), run_config={}, libraries={},
-        data=DataRecord(dataset_hash="a" * 64, eval_snapshot_hash="b" * 64, new_ids=(), replay_ids=(), eval_ids=(), n_train_examples=0),
-        training=TrainingRecord(mode="base", device="cpu", quantization="none", steps=1, epochs=1.0, train_loss=1.0,
-                                trainable_parameters=1, target_tokens=1, wall_seconds=0.1),
-        scores={"candidate": {}, "parent": {}}, gate=GateRecord(verdict="accept", reasons=("test",), policy={}),
-    )  # fmt: skip
-    result = registry.finalize(reservation, manifest)
-    assert result.promoted
-    return result.name
 
 
 def test_one_changed_value_in_the_current_adapter_config_is_refused_everywhere_it_would_be_used(env, small_base):

@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -20,16 +19,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from conftest import finalize_version
+
 from incremental import layout, serving
 from incremental.feedback import AlreadyRatedError
 from incremental.http_api import make_server
-from incremental.manifest import (
-    BaseModelRef,
-    DataRecord,
-    GateRecord,
-    Manifest,
-    TrainingRecord,
-)
 from incremental.modeling import Hardware, load_base
 from incremental.registry import Registry
 from incremental.serving import BASE, GenerationRequestError, Generator
@@ -53,24 +47,14 @@ def make_version(registry: Registry, small_base: Path, seed: int, *, config_r: i
         for name, parameter in network.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.2)
-    parent = registry.current()
-    reservation = registry.reserve(parent)
-    network.save_pretrained(reservation.staging_dir)
-    (reservation.staging_dir / "README.md").unlink()  # a version folder holds the adapter and manifest only
-    if config_r is not None:
-        config_path = reservation.staging_dir / layout.ADAPTER_CONFIG
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": config_r}))
-    manifest = Manifest(
-        name=reservation.name, model=registry.model, parent=parent, status="accepted",
-        created_at=datetime.now(UTC), base_model=BaseModelRef(id=str(small_base)), run_config={}, libraries={},
-        data=DataRecord(dataset_hash="a" * 64, eval_snapshot_hash="b" * 64, new_ids=(), replay_ids=(), eval_ids=(), n_train_examples=0),
-        training=TrainingRecord(mode="base", device="cpu", quantization="none", steps=1, epochs=1.0, train_loss=1.0,
-                                trainable_parameters=1, target_tokens=1, wall_seconds=0.1),
-        scores={"candidate": {}, "parent": {}}, gate=GateRecord(verdict="accept", reasons=("test",), policy={}),
-    )  # fmt: skip
-    result = registry.finalize(reservation, manifest)
-    assert result.promoted
-    return result.name
+    def write(staging: Path) -> None:
+        network.save_pretrained(staging)
+        (staging / "README.md").unlink()  # a version folder holds the adapter and manifest only
+        if config_r is not None:
+            config_path = staging / layout.ADAPTER_CONFIG
+            config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": config_r}))
+
+    return finalize_version(registry, str(small_base), write)
 
 
 def feedback_row(db_path: Path, row_id: str) -> dict:
