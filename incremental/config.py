@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from incremental.layout import MODEL_NAME
 
@@ -23,6 +23,10 @@ ModelName = Annotated[
         description="Model name (the folder under INCREMENTAL_MODELS_ROOT): 1-64 lowercase letters, digits, '.', '_' or '-'.",
     ),
 ]
+
+# How training batches are built (incremental/batching.py). "auto" picks per device: flattened where the
+# model runs FlashAttention's variable-length kernels (CUDA), else the measured CPU default.
+BatchingMode = Literal["auto", "padded", "length_grouped", "token_budget", "flattened"]
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,7 +49,8 @@ class TrainSettings(BaseModel):
 
     Changed from transformers' `TrainingArguments` defaults: learning_rate (2e-3 rather than 5e-5,
     since LoRA on few examples wants a high rate), epochs (4 rather than 3), batch size (8),
-    warmup (0.1 of steps), and no checkpoints are saved mid-run (the version folder is the output).
+    warmup (0.1 of steps), no checkpoints are saved mid-run (the version folder is the output), and
+    batches are built per device (`batching`, incremental/batching.py) rather than padded at random.
     """
 
     model_config = _FROZEN
@@ -64,6 +69,31 @@ class TrainSettings(BaseModel):
         "activations kept for it shrink to the layers' inputs (8x fewer bytes measured on a 15M-parameter Llama), for "
         "about 40 % more time per step on CPU; loss and gradients are unchanged. QLoRA on CUDA always checkpoints.",
     )
+    batching: BatchingMode = Field(
+        "auto",
+        description="How examples become training batches. padded: random batches of batch_size examples padded to "
+        "the longest. length_grouped: transformers' length-grouped sampler. token_budget: batches of similar length "
+        "within max_tokens_per_batch (examples x longest), in random order. flattened: random batches of batch_size "
+        "examples joined into one row without padding, each attending only to itself (FlashAttention's "
+        "variable-length kernel where the model is loaded with it, else SDPA per example). auto: flattened with "
+        "FlashAttention on CUDA, else the CPU default measured in BENCHMARKS.md (train_throughput): flattened, "
+        "attention per example.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None, ge=16, le=1_048_576,
+        description="token_budget only: padded tokens a batch may hold (examples x its longest example); an example "
+        "longer than this trains alone. null: batch_size x the train split's mean length, so an epoch has about as "
+        "many steps as with batch_size examples per batch.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _budget_needs_token_budget(self) -> TrainSettings:
+        if self.max_tokens_per_batch is not None and self.batching != "token_budget":
+            raise ValueError(
+                f"max_tokens_per_batch={self.max_tokens_per_batch} only applies to batching='token_budget', but batching "
+                f"is {self.batching!r}: set batching='token_budget', or leave max_tokens_per_batch unset (null)"
+            )
+        return self
 
 
 class DataSettings(BaseModel):

@@ -82,6 +82,10 @@ class TrainingRecord(BaseModel):
     peak_flops: float | None = Field(
         None, description="The device's measured peak (FLOP/s): a timed float32 matrix product on CPU, bfloat16 on CUDA."
     )
+    batching: str | None = Field(
+        None, description="How the training batches were built (TrainSettings.batching as resolved for the device); "
+        "None in manifests written before it was recorded.",
+    )  # fmt: skip
 
 
 class GateRecord(BaseModel):

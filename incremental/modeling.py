@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import is_flash_attn_2_available
 
 from incremental import layout
 from incremental.config import LoraSettings
@@ -226,6 +227,10 @@ def load_base(source: str, revision: str | None, hardware: Hardware):
         kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else {"": "cpu"}
     else:
         kwargs["dtype"] = torch.bfloat16 if hardware.device == "cuda" else torch.float32
+    if hardware.device == "cuda" and is_flash_attn_2_available():
+        # FlashAttention's variable-length kernel: `TrainSettings.batching="auto"` then trains on
+        # flattened batches (batching.py). Without the flash-attn package, transformers' default (SDPA).
+        kwargs["attn_implementation"] = "flash_attention_2"
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if hardware.quantization != "4bit":
         model.to(hardware.device)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PEAK_FILE", "CountingCollator", "LoraFlops", "TokenTally", "measure_matmul_peak", "measured_peak", "mfu"]
+__all__ = [
+    "PEAK_FILE", "CountingCollator", "LoraFlops", "TokenTally", "measure_matmul_peak", "measured_peak", "mfu", "packed_lengths",
+]
 
 log = logging.getLogger("incremental")
 
@@ -98,11 +100,18 @@ class TokenTally:
     attended_pairs: int = 0
 
     def add(self, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100) -> None:
-        """Count one batch from its attention mask (1 on real tokens) and labels."""
-        lengths = attention_mask.sum(dim=-1).to(torch.int64)
+        """Count one padded batch from its attention mask (1 on real tokens) and labels."""
+        self.add_sequences(attention_mask.sum(dim=-1), attention_mask.numel(), labels, ignore_index)
+
+    def add_sequences(
+        self, lengths: torch.Tensor, positions: int, labels: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> None:
+        """Count one batch of sequences of `lengths` real tokens laid out in `positions` positions (a flattened
+        batch: their sum, each sequence attending only to itself)."""
+        lengths = lengths.to(torch.int64)
         self.batches += 1
         self.tokens += int(lengths.sum())
-        self.padded += attention_mask.numel()
+        self.padded += positions
         self.attended_pairs += int((lengths * (lengths + 1) // 2).sum())
         if labels is not None:
             self.targets += int((labels != ignore_index).sum())
@@ -128,10 +137,25 @@ class CountingCollator:
     def __call__(self, features: list) -> dict:
         batch = self.collate(features)
         mask = batch.get("attention_mask")
-        if mask is None:  # a collator that does not pad: every position is real
-            mask = torch.ones_like(batch["input_ids"])
-        self.tally.add(mask, batch.get("labels"), self.ignore_index)
+        if mask is not None:
+            self.tally.add(mask, batch.get("labels"), self.ignore_index)
+        elif "position_ids" in batch:  # flattened: one row of examples whose positions restart at each
+            lengths = packed_lengths(batch["position_ids"])
+            self.tally.add_sequences(lengths, batch["input_ids"].numel(), batch.get("labels"), self.ignore_index)
+        else:  # a collator that does not pad: every position is real
+            self.tally.add(torch.ones_like(batch["input_ids"]), batch.get("labels"), self.ignore_index)
         return batch
+
+
+def packed_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """The lengths of the sequences packed in `position_ids` (batch × positions): a sequence starts wherever a
+    position does not follow its predecessor by one (transformers' `find_packed_sequence_indices` rule)."""
+    lengths = []
+    for row in position_ids.reshape(-1, position_ids.shape[-1]):
+        starts = torch.nonzero(torch.diff(row) != 1).flatten() + 1
+        edges = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), row.numel())])
+        lengths.append(torch.diff(edges))
+    return torch.cat(lengths)
 
 
 def mfu(flops: float, seconds: float, peak_flops: float) -> float:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
+from incremental.batching import BatchingTrainer, plan_batching
 from incremental.config import RunConfig, TrainSettings
 from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.manifest import TrainingRecord
@@ -40,6 +41,7 @@ ProgressFn = Callable[[int, int], None]  # (optimizer step, total steps)
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
+    batching: str  # the mode the batches were built by (batching.py), resolved for the device
     train_loss: float | None
     target_tokens: int
     wall_seconds: float
@@ -114,6 +116,7 @@ def train_candidate(
         pad_per_real_token=None if result.pad_per_real_token is None else round(result.pad_per_real_token, 4),
         mfu=round(result.mfu, 4),
         peak_flops=round(result.peak_flops),
+        batching=result.batching,
     )
 
 
@@ -175,12 +178,14 @@ def train_adapter(
     this process only).
     """
     started = time.perf_counter()
-    steps_per_epoch = math.ceil(len(dataset) / (settings.batch_size * settings.gradient_accumulation_steps))
+    lengths = [len(row["input_ids"]) for row in dataset]  # a `datasets.Dataset` or a list of rows
+    batching = plan_batching(settings, tokenizer, lengths, model.config, device)
+    log.info("[INCREMENTAL] Batching: %s", batching.describe())
+    steps_per_epoch = math.ceil(batching.batches_per_epoch / settings.gradient_accumulation_steps)
     total_steps = math.ceil(steps_per_epoch * settings.epochs)
-    # Prompt tokens (dataset.IGNORE_INDEX) and padding carry the label the loss ignores, -100 by
-    # transformers' convention; read from the collator so this module needs no dataset import.
-    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
-    counting = CountingCollator(collate, ignore_index=collate.label_pad_token_id)
+    # Prompt tokens (dataset.IGNORE_INDEX) and padding carry the label the loss ignores: -100, by
+    # transformers' convention, in every collator batching.py builds.
+    counting = CountingCollator(batching.collate, ignore_index=-100)
     flops_model = LoraFlops.of(model)
     peak = measured_peak(device, peak_cache)  # before the clock starts; in this thread (torch's thread count is per thread)
     with tempfile.TemporaryDirectory(prefix="incremental-trainer-") as scratch:
@@ -201,17 +206,17 @@ def train_adapter(
             data_seed=settings.seed,
             use_cpu=device == "cpu",
             bf16=device == "cuda",
-            # Batches of similar length waste less compute on padding.
-            train_sampling_strategy="group_by_length",
+            train_sampling_strategy=batching.sampling_strategy,  # where the Trainer samples (batching.py)
             dataloader_num_workers=0,
             disable_tqdm=not show_progress_bar,
         )
-        trainer = Trainer(
+        trainer = BatchingTrainer(
             model=model,
             args=args,
             train_dataset=dataset,
             data_collator=counting,
             callbacks=[_ReportProgress(progress, counting.tally)],
+            batching=batching,
         )
         train_started = time.perf_counter()
         output = trainer.train()
@@ -227,6 +232,7 @@ def train_adapter(
     flops = flops_model.total(tally.tokens, tally.attended_pairs)
     result = TrainResult(
         steps=output.global_step,
+        batching=batching.mode,
         train_loss=_finite(output.training_loss),
         target_tokens=tally.targets,
         wall_seconds=time.perf_counter() - started,
