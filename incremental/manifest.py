@@ -86,6 +86,10 @@ class TrainingRecord(BaseModel):
         None, description="How the training batches were built (TrainSettings.batching as resolved for the device); "
         "None in manifests written before it was recorded.",
     )  # fmt: skip
+    processes: int = Field(1, description="Processes that trained it together (DDP, INCREMENTAL_TRAIN_PROCESSES).")
+    ranks: tuple[dict, ...] = Field(
+        (), description="Under DDP, each rank: its number, the sha256 of its adapter after training, whether it saved it."
+    )
 
 
 class GateRecord(BaseModel):

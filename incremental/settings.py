@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="CPU threads torch uses for training and scoring; unset: the cores this process may use "
         "(its CPU affinity, capped by its cgroup CPU quota). Set it lower when other work shares the cores.",
     )
+    train_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes that train one candidate together (DDP through torchrun): one per GPU on a "
+        "multi-GPU machine; on CPU they share the cores (INCREMENTAL_THREADS in all).",
+    )
     db_lock_timeout_s: float = Field(30.0, gt=0, description="How long to retry when another process holds the DuckDB file.")
 
     @field_validator("embedded_cache_dir", "db_path", "models_root")

@@ -12,6 +12,7 @@ transformers and pydantic: loading models and reading snapshots is imported by `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from incremental.batching import BatchingTrainer, plan_batching
 from incremental.config import RunConfig, TrainSettings
+from incremental.errors import IncrementalError
 from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.manifest import TrainingRecord
 from incremental.throughput import CountingCollator, LoraFlops, TokenTally, measured_peak, mfu
@@ -51,7 +54,8 @@ class TrainResult:
     pad_per_real_token: float | None  # padded positions per real token (0: no padding)
     flops: float  # model FLOPs of the run (throughput.LoraFlops)
     peak_flops: float  # the device's measured peak, FLOP/s
-    mfu: float  # flops / train_seconds / peak_flops
+    mfu: float  # flops / train_seconds / (peak_flops x processes)
+    ranks: tuple[dict, ...] = ()  # under DDP, each rank: its number, adapter digest, whether it saved
 
 
 def train_candidate(
@@ -117,6 +121,8 @@ def train_candidate(
         mfu=round(result.mfu, 4),
         peak_flops=round(result.peak_flops),
         batching=result.batching,
+        processes=max(1, len(result.ranks)),
+        ranks=result.ranks,
     )
 
 
@@ -221,14 +227,19 @@ def train_adapter(
         train_started = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - train_started
-    # save_embedding_layers=False: training never resizes the vocabulary, and "auto" would look the
-    # base up by the adapter config's portable name, on the hub for `embedded/<hash>`.
-    model.save_pretrained(str(output_dir), safe_serialization=True, save_embedding_layers=False)
-    # PEFT also writes a model-card README; a version folder holds the adapter and manifest only.
-    for extra in output_dir.iterdir():
-        if extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            extra.unlink()
-    tally = counting.tally
+    # Under DDP (torchrun, see distributed.py) every rank holds the same adapter; only rank 0 writes it.
+    saves = trainer.is_world_process_zero()
+    if saves:
+        # save_embedding_layers=False: training never resizes the vocabulary, and "auto" would look the
+        # base up by the adapter config's portable name, on the hub for `embedded/<hash>`.
+        model.save_pretrained(str(output_dir), safe_serialization=True, save_embedding_layers=False)
+        # PEFT also writes a model-card README; a version folder holds the adapter and manifest only.
+        for extra in output_dir.iterdir():
+            if extra.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                extra.unlink()
+    tally, ranks = counting.tally, ()
+    if args.world_size > 1:
+        tally, ranks = _across_ranks(model, tally, saves)
     flops = flops_model.total(tally.tokens, tally.attended_pairs)
     result = TrainResult(
         steps=output.global_step,
@@ -242,7 +253,8 @@ def train_adapter(
         pad_per_real_token=tally.pad_per_real_token,
         flops=flops,
         peak_flops=peak,
-        mfu=mfu(flops, train_seconds, peak),
+        mfu=mfu(flops, train_seconds, peak * max(1, len(ranks))),
+        ranks=ranks,
     )
     log.info(
         "[INCREMENTAL] Trained %d steps: %.0f real tokens/s, %.2f pad tokens per real token, "
@@ -250,6 +262,44 @@ def train_adapter(
         result.steps, result.tokens_per_second, result.pad_per_real_token or 0.0, 100 * result.mfu, peak / 1e9,
     )  # fmt: skip
     return result
+
+
+class RanksDivergedError(IncrementalError):
+    """Under DDP, the ranks ended training with different adapters (they must not: gradients are averaged)."""
+
+
+def _across_ranks(model, tally: TokenTally, saved: bool) -> tuple[TokenTally, tuple[dict, ...]]:
+    """Under DDP: the tally of every rank's batches (throughput counts the whole training), and each
+    rank's adapter digest and whether it saved. Gradients are averaged every step, so the adapters must
+    be identical; a rank that differs is an error, never a version."""
+    import torch.distributed as dist
+
+    mine = {
+        "rank": dist.get_rank(),
+        "adapter_sha256": adapter_digest(model),
+        "saved": saved,
+        "tally": (tally.batches, tally.tokens, tally.padded, tally.targets, tally.attended_pairs),
+    }
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, mine)
+    digests = {rank["adapter_sha256"] for rank in gathered}
+    if len(digests) != 1:
+        raise RanksDivergedError(
+            f"the {len(gathered)} ranks hold different adapters after training ({sorted(digests)}); nothing becomes a version"
+        )
+    total = TokenTally(*(sum(rank["tally"][i] for rank in gathered) for i in range(5)))
+    log.info("[INCREMENTAL] The %d ranks hold identical adapters (sha256 %s); rank 0 saved it", len(gathered), digests.pop()[:12])
+    return total, tuple({key: rank[key] for key in ("rank", "adapter_sha256", "saved")} for rank in gathered)
+
+
+def adapter_digest(model) -> str:
+    """sha256 over the trainable (adapter) tensors, by name: equal digests, equal adapters."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _finite(value: float | None) -> float | None:

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from incremental.config import RunConfig
 from incremental.dataset import DatasetSnapshot
+from incremental.distributed import train_distributed
 from incremental.manifest import TrainingRecord
 from incremental.modeling import Hardware, ResolvedBase, resolve_base_for
 from incremental.registry import ParentVersion, Registry
@@ -38,7 +39,7 @@ def train_candidate(
     config: RunConfig,
     output_dir: Path,
 ) -> TrainingRecord:
-    apply_threads(settings)
+    threads = apply_threads(settings)
     if parent.adapter_dir is not None:
         # Checked again here, minutes after the parent was resolved: a version damaged meanwhile
         # (a file changed by hand, a disk error) is refused by name before anything trains on it.
@@ -53,9 +54,18 @@ def train_candidate(
             last_update[0] = now
             update_progress_artifact(progress_id, 100.0 * step / max(total, 1))
 
+    hardware = Hardware.from_settings(settings)
+    # The device's measured matmul peak (for MFU), kept between runs beside the embedded base cache.
+    peak_cache = settings.embedded_cache_dir.parent / PEAK_FILE
+    if settings.train_processes > 1:
+        # torchrun starts the ranks; their progress lines come back into this run's logs.
+        return train_distributed(
+            base, hardware, parent.name, parent.adapter_dir, snapshot, config, output_dir,
+            processes=settings.train_processes, threads=threads, peak_cache=peak_cache,
+        )  # fmt: skip
     return train_candidate_stage(
         base,
-        Hardware.from_settings(settings),
+        hardware,
         parent.name,
         parent.adapter_dir,
         snapshot,
@@ -65,6 +75,5 @@ def train_candidate(
         # The run's logs get a line per logging step (loss, tokens/s, ETA); a terminal bar would
         # interleave with them and never reach the Prefect UI.
         show_progress_bar=False,
-        # The device's measured matmul peak (for MFU), kept between runs beside the embedded base cache.
-        peak_cache=settings.embedded_cache_dir.parent / PEAK_FILE,
+        peak_cache=peak_cache,
     )
