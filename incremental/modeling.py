@@ -13,6 +13,7 @@ pass adapter folders (checked by the registry).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,7 @@ def load_base(source: str, revision: str | None, hardware: Hardware):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if hardware.device == "cuda" else torch.float32,
         )
-        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": _local_gpu()} if hardware.device == "cuda" else {"": "cpu"}
     else:
         kwargs["dtype"] = torch.bfloat16 if hardware.device == "cuda" else torch.float32
     if hardware.device == "cuda" and is_flash_attn_2_available():
@@ -233,9 +234,14 @@ def load_base(source: str, revision: str | None, hardware: Hardware):
         kwargs["attn_implementation"] = "flash_attention_2"
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if hardware.quantization != "4bit":
-        model.to(hardware.device)
+        model.to(f"cuda:{_local_gpu()}" if hardware.device == "cuda" else hardware.device)
     model.config.use_cache = False  # training and loss-only scoring never reuse a KV cache
     return model
+
+
+def _local_gpu() -> int:
+    """The GPU of this process: torchrun's LOCAL_RANK under DDP (distributed.py), one rank per GPU; else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def attach_trainable_adapter(
