@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -351,3 +352,87 @@ def _exists(server: PrefectServer, path: str) -> bool:
 def fast_config() -> dict[str, Any]:
     """FAST_CONFIG as JSON parameters (a fresh copy to edit)."""
     return json.loads(json.dumps(FAST_CONFIG))
+
+
+# -- the browser (tests/server/test_browser.py, test_report_browser.py) --------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless on a machine with no screen, no GPU and a closed network: without the background
+# flags Chromium keeps trying Google's hosts.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# The machine is shared and slow; the UI is a single-page app that loads its data after the page.
+UI_TIMEOUT_MS = 120_000
+VIEWPORT = {"width": 1400, "height": 1000}
+TALLEST_SHOT_PX = 12_000
+
+
+def browser_required() -> bool:
+    """In CI a missing browser is a failure, not a skip."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false", "no") or os.environ.get("INCREMENTAL_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium under Playwright, once per test module: Playwright's sync API runs an asyncio
+    loop in the main thread while it is open, and a second one cannot start inside it (nor should
+    in-process Prefect calls of later modules run beside it). Listed first in a test's arguments, so
+    a machine without it skips before the Prefect server starts."""
+    missing = None
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} not found: install Debian's `chromium` package (`make browser`, as root)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "the `playwright` package is not installed: pip install -e '.[dev]'"
+    if missing:
+        if browser_required():
+            pytest.fail(f"browser tests must run in CI: {missing}")
+        pytest.skip(missing)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=UI_TIMEOUT_MS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(chromium) -> Iterator:
+    context = chromium.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def shoot(page, tmp_path, request):
+    """shoot(name): a full-page screenshot `<test>-<name>.png` in tmp_path (and $INCREMENTAL_SCREENSHOTS_DIR)."""
+    extra = os.environ.get("INCREMENTAL_SCREENSHOTS_DIR")
+
+    def shoot(name: str) -> Path:
+        # The UI scrolls inside a container, not the document, so a "full page" capture would stop at
+        # the window: grow the window to the tallest scrolled content first.
+        height = page.evaluate(
+            """() => Math.max(document.documentElement.scrollHeight,
+                 ...Array.from(document.querySelectorAll('*'), e => {
+                     const overflow = getComputedStyle(e).overflowY;
+                     return (overflow === 'auto' || overflow === 'scroll') ? e.scrollHeight : 0; }))"""
+        )
+        page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], min(height, TALLEST_SHOT_PX))})
+        page.wait_for_timeout(300)  # let the layout settle at the new size
+        path = tmp_path / f"{request.node.name}-{name}.png"
+        page.screenshot(path=path, full_page=True)
+        page.set_viewport_size(VIEWPORT)
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, Path(extra) / path.name)
+        return path
+
+    return shoot

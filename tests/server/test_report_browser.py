@@ -2,7 +2,7 @@
 gate check with its interval, and the inline chart are on screen, and the page fetches nothing.
 
 The history is the one the report's integration tests build (v1, v2 accepted, v3 rejected with its batch
-held, a rollback to v1, v4 accepted); the browser fixtures are the UI tests' (tests/server/test_browser.py:
+held, a rollback to v1, v4 accepted); the browser fixtures are tests/server/conftest.py's (
 skipped without Chromium, failing in CI; screenshots kept in $INCREMENTAL_SCREENSHOTS_DIR when set).
 """
 
@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from incremental.history_report import CHART_SIZE_PX, gather_history, write_report
-
-from .test_browser import chromium, page, shoot  # noqa: F401 - the browser fixtures, shared
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -34,7 +32,7 @@ def report_tests():
     return module
 
 
-def test_the_page_shows_the_tree_a_gate_check_and_the_chart(chromium, page, shoot, tmp_path):  # noqa: F811 - fixtures
+def test_the_page_shows_the_tree_a_gate_check_and_the_chart(chromium, page, shoot, tmp_path):
     from playwright.sync_api import expect
 
     history = report_tests().make_history(tmp_path / "finetuned_models", tmp_path / "feedback.duckdb")
