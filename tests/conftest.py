@@ -41,6 +41,22 @@ for key in [k for k in os.environ if k.startswith("INCREMENTAL_") and k not in _
 os.environ["INCREMENTAL_EMBEDDED_CACHE_DIR"] = str(_SESSION_HOME / "embedded")
 
 
+from incremental.config import GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings  # noqa: E402
+
+# The smallest run that still trains, evaluates and gates: one epoch, short generations, and a
+# margin wide enough that the tiny model's noise never decides (these tests are about what a run
+# leaves behind or passes on, not about the gate's judgement: test_flow and the gate benchmark cover that).
+QUICK_RUN = RunConfig(
+    train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=256),
+    gate=GatePolicy(
+        target_nll=MetricRule(margin=1.0), preference_margin=MetricRule(margin=1.0),
+        prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1,
+        generation_rows=2, max_new_tokens=16,
+        screening=ScreeningPolicy(enabled=False),
+    ),
+)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One real Prefect API (the test harness server) for the whole session."""

@@ -10,29 +10,19 @@ import time
 
 import duckdb
 import pytest
+from conftest import QUICK_RUN
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.concurrency.sync import concurrency
 
-from incremental.config import GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
+from incremental.config import ScreeningPolicy
 from incremental.layout import STAGING_DIR
 from incremental.registry import Registry
 from incremental.synthetic import poisoned_feedback, synthetic_feedback
 
 pytestmark = pytest.mark.integration
 
-# The smallest run that still trains, evaluates and gates: one epoch, short generations, and a
-# margin wide enough that the tiny model's noise never decides (these tests are about what a run
-# leaves behind, not about the gate's judgement: test_flow and the gate benchmark cover that).
-QUICK = RunConfig(
-    train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=256),
-    gate=GatePolicy(
-        target_nll=MetricRule(margin=1.0), preference_margin=MetricRule(margin=1.0),
-        prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1,
-        generation_rows=2, max_new_tokens=16,
-        screening=ScreeningPolicy(enabled=False),
-    ),
-)  # fmt: skip
+QUICK = QUICK_RUN
 
 
 @pytest.fixture

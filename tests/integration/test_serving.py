@@ -57,6 +57,16 @@ def make_version(registry: Registry, small_base: Path, seed: int, *, config_r: i
     return finalize_version(registry, str(small_base), write)
 
 
+@pytest.fixture
+def serving_v1(env, env_store, small_base):
+    """v1 and v2, v1 current, and a Generator serving v1: a promotion to v2 is one pointer move away."""
+    registry = Registry(env.models_root, "tiny")
+    v1 = make_version(registry, small_base, seed=1)
+    v2 = make_version(registry, small_base, seed=2)
+    registry.rollback(v1)
+    return registry, v1, v2, Generator("tiny", env)
+
+
 def feedback_row(db_path: Path, row_id: str) -> dict:
     con = duckdb.connect(str(db_path), read_only=True)
     try:
@@ -120,13 +130,9 @@ def test_generations_are_recorded_with_their_version_and_a_rating_links_to_them(
         generator.generate("erd", NOTES, max_new_tokens=10**6)
 
 
-def test_a_promotion_during_a_stream_of_requests_switches_exactly_once_and_no_request_fails(env, env_store, small_base, caplog):
+def test_a_promotion_during_a_stream_of_requests_switches_exactly_once_and_no_request_fails(serving_v1, env, env_store, small_base, caplog):
     caplog.set_level(logging.INFO, logger="incremental")
-    registry = Registry(env.models_root, "tiny")
-    v1 = make_version(registry, small_base, seed=1)
-    v2 = make_version(registry, small_base, seed=2)
-    registry.rollback(v1)
-    generator = Generator("tiny", env)
+    registry, v1, v2, generator = serving_v1
     assert generator.version == v1
 
     done: list[list[tuple[str | None, str]]] = [[], []]  # (version, output) per client, in order
@@ -170,12 +176,8 @@ def test_a_promotion_during_a_stream_of_requests_switches_exactly_once_and_no_re
     assert sorted((g.version, g.output) for g in recorded) == sorted(everything)
 
 
-def test_a_request_in_flight_finishes_on_the_version_it_started_with(env, env_store, small_base, monkeypatch):
-    registry = Registry(env.models_root, "tiny")
-    v1 = make_version(registry, small_base, seed=1)
-    v2 = make_version(registry, small_base, seed=2)
-    registry.rollback(v1)
-    generator = Generator("tiny", env)
+def test_a_request_in_flight_finishes_on_the_version_it_started_with(serving_v1, env, env_store, small_base, monkeypatch):
+    registry, v1, v2, generator = serving_v1
     v1_output = generator.generate("erd", NOTES, max_new_tokens=TOKENS).output
 
     entered, release = threading.Event(), threading.Event()
@@ -211,13 +213,9 @@ def test_a_request_in_flight_finishes_on_the_version_it_started_with(env, env_st
     assert results["next"].version == v2 and results["next"].output != v1_output
 
 
-def test_a_damaged_version_is_not_switched_to_and_the_old_one_keeps_serving(env, env_store, small_base, caplog):
+def test_a_damaged_version_is_not_switched_to_and_the_old_one_keeps_serving(serving_v1, env, env_store, small_base, caplog):
     caplog.set_level(logging.INFO, logger="incremental")
-    registry = Registry(env.models_root, "tiny")
-    v1 = make_version(registry, small_base, seed=1)
-    v2 = make_version(registry, small_base, seed=2)
-    registry.rollback(v1)
-    generator = Generator("tiny", env)
+    registry, v1, v2, generator = serving_v1
     v1_output = generator.generate("erd", NOTES, max_new_tokens=TOKENS).output
 
     registry.rollback(v2)  # refused if v2 were damaged already: it is damaged after the pointer moved

@@ -10,10 +10,10 @@ version's manifest, and the report shows the manifests' numbers.
 from __future__ import annotations
 
 import pytest
+from conftest import QUICK_RUN
 from typer.testing import CliRunner
 
 from cli.main import app
-from incremental.config import GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
 from incremental.feedback import FeedbackStore
 from incremental.history_report import gather_history
 from incremental.registry import Registry
@@ -21,16 +21,8 @@ from incremental.synthetic import synthetic_feedback
 
 pytestmark = pytest.mark.integration
 
-# Wide margins: this test is about what flows from one stage to the next, not about the gate's
-# judgement, which has its own tests; a tiny model's second version must be promoted here.
-LOOSE = RunConfig(
-    train=TrainSettings(epochs=1, batch_size=16, learning_rate=5e-3, max_length=256),
-    gate=GatePolicy(
-        target_nll=MetricRule(margin=1.0), preference_margin=MetricRule(margin=1.0),
-        prompt_gain=MetricRule(margin=0.03, gated=False), min_eval_examples=1,
-        generation_rows=2, max_new_tokens=16, screening=ScreeningPolicy(enabled=False),
-    ),
-)  # fmt: skip
+# QUICK_RUN's wide margins: a tiny model's second version must be promoted here.
+LOOSE = QUICK_RUN
 
 
 def test_generate_rate_retrain_follow_report(prefect_api, env, env_store: FeedbackStore):
