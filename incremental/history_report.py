@@ -14,13 +14,14 @@ import base64
 import html
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from incremental.errors import RegistryError
 from incremental.feedback import FeedbackCounts, FeedbackStore
+from incremental.feedback.lineage import UNRECORDED_GENERATOR
 from incremental.gate import METRICS
 from incremental.layout import version_number
 from incremental.registry import Registry
@@ -70,6 +71,8 @@ class DataVolume:
     screened: int  # new rows screening held before training
     held_by_gate: int  # rows held because the gate blamed the batch
     train_examples: int
+    # New rows per version that generated their output (`incremental rate`); 'unrecorded' when none is known.
+    by_generating_version: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def _data_volume(manifest) -> DataVolume:
         new=len(data.new_ids), replay=len(data.replay_ids), eval=len(data.eval_ids), rejected=len(data.rejected_ids),
         arrived_with_batch=len(data.arrived_with_batch_ids), screened=len(data.screened_ids),
         held_by_gate=len(manifest.gate.held_ids), train_examples=data.n_train_examples,
+        by_generating_version=dict(data.new_by_generating_version),
     )  # fmt: skip
 
 
@@ -665,7 +669,8 @@ def _versions_html(report: HistoryReport) -> str:
         '<tr><th class="text">version</th><th class="text">parent</th><th class="text">status</th><th>verdict</th>'
         "<th>target NLL</th><th>Δ NLL</th><th>prompt gain</th><th>Δ gain</th>"
         "<th>new</th><th>replay</th><th>eval</th><th>rejected outputs</th><th>arrived with batch</th>"
-        '<th>screened</th><th>held by gate</th><th>held now</th><th class="text">created</th></tr>'
+        '<th>screened</th><th>held by gate</th><th>held now</th><th class="text">new rows by generating version</th>'
+        '<th class="text">created</th></tr>'
     )
     rows = []
     for entry in reversed(report.versions):  # newest first, as `versions` shows it
@@ -681,12 +686,22 @@ def _versions_html(report: HistoryReport) -> str:
             f'<td data-field="verdict">{e(entry.verdict or "—")}</td>'
             f'<td data-field="target_nll">{_fmt(row.target_nll)}</td><td data-field="nll_delta">{_signed(row.nll_delta)}</td>'
             f'<td data-field="prompt_gain">{_fmt(row.prompt_gain)}</td><td data-field="gain_delta">{_signed(row.gain_delta)}</td>'
-            f'{volume}<td class="text when">{e(row.created[:16])}</td></tr>'
+            f'{volume}<td class="text" data-field="by_generating_version">{e(_by_generator(entry.data))}</td>'
+            f'<td class="text when">{e(row.created[:16])}</td></tr>'
         )
     return (
         f'<div class="wide"><table>{head}{"".join(rows)}</table></div><p class="meta">Scores are the candidate\'s on the '
         "judged rows (trusted rows; all rows for a first version); Δ is the change against its parent on the same rows. "
         "Times are UTC.</p>"
+    )
+
+
+def _by_generator(data: DataVolume | None) -> str:
+    if data is None or not data.by_generating_version:
+        return "—"
+    return ", ".join(
+        f"{count} {'unrecorded' if name == UNRECORDED_GENERATOR else 'by ' + _short(name)}"
+        for name, count in data.by_generating_version.items()
     )
 
 

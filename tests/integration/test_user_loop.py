@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from incremental.feedback import FeedbackStore
-from incremental.history_report import gather_history
+from incremental.history_report import gather_history, render_html
 from incremental.registry import Registry
 from incremental.synthetic import synthetic_feedback
 
@@ -70,3 +70,6 @@ def test_generate_rate_retrain_follow_report(prefect_api, env, env_store: Feedba
     for name in (v1, v2):
         data = Registry(env.models_root, "tiny").get(name).manifest.data
         assert (shown[name].new, shown[name].replay, shown[name].eval) == (len(data.new_ids), len(data.replay_ids), len(data.eval_ids))
+    assert shown[v2].by_generating_version == manifest.data.new_by_generating_version
+    page = render_html(report)
+    assert f"{from_v1} by v1" in page and f"{len(new_ids) - from_v1} unrecorded" in page
