@@ -18,11 +18,14 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 # Asks the kernel for SIGTERM when its parent dies; meanwhile notes the parent's child processes
-# every quarter second, and on the signal stops them (SIGTERM, then SIGKILL after 5 s).
+# every quarter second, and on the signal stops them and every process marked with the parent's pid
+# in OWNER_VARIABLE (SIGTERM, then SIGKILL after 5 s).
+OWNER_VARIABLE = "INCREMENTAL_TEMPORARY_SERVER_OF"
 _WATCHDOG = """
 import ctypes, os, signal, sys, time
 from pathlib import Path
 parent, me, seen = int(sys.argv[1]), os.getpid(), set()
+OWNER_VARIABLE = sys.argv[2]
 
 def note_children():
     for task in Path(f"/proc/{parent}/task").glob("*"):
@@ -32,7 +35,20 @@ def note_children():
             pass
     seen.discard(me)
 
+def marked_processes():
+    # The server's processes carry the owner mark in their environment: found even when the parent
+    # died before the poll below ever saw them (a busy machine can starve this process for seconds).
+    mark = f"{OWNER_VARIABLE}={parent}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me:
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\\0"):
+                    yield int(entry.name)
+            except OSError:
+                pass
+
 def stop_children(*_):
+    seen.update(marked_processes())
     for pid in seen:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -77,11 +93,15 @@ def prefect_api() -> Iterator[str]:
     # Started first: the server takes seconds to answer, and a kill meanwhile must take it too.
     watchdog = _start_watchdog()
     server = SubprocessASGIServer()
+    import os
+
+    os.environ[OWNER_VARIABLE] = str(os.getpid())  # inherited by the server's processes: the watchdog finds them by it
     try:
         server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        os.environ.pop(OWNER_VARIABLE, None)
         if watchdog is not None:
             watchdog.kill()
             watchdog.wait()
@@ -94,7 +114,7 @@ def _start_watchdog() -> subprocess.Popen | None:
     import os
 
     return subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), OWNER_VARIABLE],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C on the terminal reaches the run, not the watchdog
     )  # fmt: skip

@@ -221,7 +221,7 @@ def test_a_killed_cli_run_takes_its_temporary_prefect_server_with_it(after_v1, s
         assert server is not None, "the run never started its temporary Prefect server"
         run.kill()
         run.wait()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a hang guard: the watchdog is a process a busy machine can starve
         while _alive(server) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(server), f"the temporary Prefect server (pid {server}) outlived the killed run"
@@ -229,6 +229,41 @@ def test_a_killed_cli_run_takes_its_temporary_prefect_server_with_it(after_v1, s
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+# A run's process: starts the watchdog, then a process carrying the owner mark that is not its child
+# (started through a shell that exits at once), so the watchdog's poll of its children never sees it.
+MARKED_ORPHAN = """
+import os, subprocess, sys, time
+from cli.prefect_api import OWNER_VARIABLE, _start_watchdog
+watchdog = _start_watchdog()
+environment = {**os.environ, OWNER_VARIABLE: str(os.getpid())}
+shell = subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], env=environment, capture_output=True, text=True)
+print(shell.stdout.strip(), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_run_takes_the_processes_it_marked_even_unseen():
+    import os
+    import time
+
+    run = subprocess.Popen([sys.executable, "-c", MARKED_ORPHAN], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = int(run.stdout.readline())
+        assert orphan not in _children(run.pid) and _alive(orphan)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 60
+        while _alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(orphan), f"the marked process {orphan} outlived the killed run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if "orphan" in locals() and _alive(orphan):
+            os.kill(orphan, 9)
 
 
 def test_two_runs_started_together_on_one_model_train_it_once(after_v1, small_base, tmp_path, monkeypatch):
