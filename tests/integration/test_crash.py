@@ -189,6 +189,19 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _kill_and_check_gone(run: subprocess.Popen, pid: int, what: str) -> None:
+    """SIGKILL the run, then `pid` must die with it (60 s: a hang guard, the watchdog is a process a
+    busy machine can starve)."""
+    import time
+
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 60
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), f"{what} (pid {pid}) outlived the killed run"
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie waiting for a reaper (a container's PID 1 may never reap it)."""
     try:
@@ -219,12 +232,7 @@ def test_a_killed_cli_run_takes_its_temporary_prefect_server_with_it(after_v1, s
                     server = child
             time.sleep(0.2)
         assert server is not None, "the run never started its temporary Prefect server"
-        run.kill()
-        run.wait()
-        deadline = time.monotonic() + 60  # a hang guard: the watchdog is a process a busy machine can starve
-        while _alive(server) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(server), f"the temporary Prefect server (pid {server}) outlived the killed run"
+        _kill_and_check_gone(run, server, "the temporary Prefect server")
     finally:
         if run.poll() is None:
             run.kill()
@@ -246,18 +254,12 @@ time.sleep(300)
 
 def test_a_killed_run_takes_the_processes_it_marked_even_unseen():
     import os
-    import time
 
     run = subprocess.Popen([sys.executable, "-c", MARKED_ORPHAN], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         orphan = int(run.stdout.readline())
         assert orphan not in _children(run.pid) and _alive(orphan)
-        run.kill()
-        run.wait()
-        deadline = time.monotonic() + 60
-        while _alive(orphan) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(orphan), f"the marked process {orphan} outlived the killed run"
+        _kill_and_check_gone(run, orphan, "the marked process")
     finally:
         if run.poll() is None:
             run.kill()
