@@ -49,10 +49,11 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersio
     if parent.name is not None:
         store.cache_scores(collected.model, parent.name, scorer, {h: (*v, None) for h, v in result.scores.items() if h not in cached})
     logger = get_run_logger()
+    released = collected.new.num_rows + arrived.num_rows - batch.num_rows
     logger.info(
         "[INCREMENTAL] Screening: %d of %d new rows (train and eval) suspect (%d trusted reference rows, %.1f s)%s",
         len(result.suspects), len(result.rows), result.n_reference, result.wall_seconds,
-        f"; {n_released} rows a person released are not screened again" if (n_released := collected.new.num_rows + arrived.num_rows - batch.num_rows) else "",
+        f"; {released} rows a person released are not screened again" if released else "",
     )  # fmt: skip
     for row_id, reason in list(result.suspects.items())[:10]:
         logger.info("[INCREMENTAL]   held %s: %s", row_id, reason)
