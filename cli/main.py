@@ -11,12 +11,16 @@ Everything printed that a user or a file supplied goes through `_safe`: Rich mar
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import logging
 import os
 import re
+import shlex
 import sys
-from datetime import date, datetime, timedelta
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -29,9 +33,9 @@ from rich.markdown import Markdown
 from rich.table import Table
 from typer.core import TyperGroup, TyperOption
 
-from incremental.errors import ConfigurationError, IncrementalError
-from incremental.feedback import FeedbackStore
-from incremental.feedback.ingest import MAX_FIELD_BYTES
+from incremental.errors import ConfigurationError, IncrementalError, InvalidFeedbackError
+from incremental.feedback import FeedbackStore, HeldGroup
+from incremental.feedback.ingest import MAX_FIELD_BYTES, NO_RATER
 from incremental.layout import MODEL_NAME
 from incremental.registry import Registry
 from incremental.reporting import VersionRow, version_table
@@ -194,6 +198,7 @@ def status(model: ModelOption = None, as_json: JsonOption = False) -> None:
                 "problems": registry.verify(current) if current else [],
                 "interrupted": registry.interrupted(),
                 "feedback": dataclasses.asdict(counts),
+                "held": _held_summary(store.held_groups(model)),
             }
         )
         return
@@ -227,8 +232,22 @@ def status(model: ModelOption = None, as_json: JsonOption = False) -> None:
         f"{counts.rejected} rejected outputs without correction, "
         f"[bold]{counts.held} held[/] (neither trained nor trusted until released), {counts.excluded} excluded."
     )
-    if counts.held:
-        console.print("See them with `incremental feedback held`; `incremental feedback release` or `exclude` decides.")
+    groups = store.held_groups(model)
+    if groups:
+        # Held rows wait for a person; how long the oldest has waited says whether anyone is looking.
+        console.print(
+            f"[bold]{sum(group.count for group in groups)} rows held[/], oldest {_ago(min(g.oldest_held_at for g in groups))}; "
+            "see `incremental feedback held`: it groups them and prints the command that releases or excludes each group."
+        )
+
+
+def _held_summary(groups: Sequence[HeldGroup]) -> dict[str, Any]:
+    """How many rows wait for a person, in how many groups, and since when (`status --json`)."""
+    return {
+        "rows": sum(group.count for group in groups),
+        "groups": len(groups),
+        "oldest_held_at": min((group.oldest_held_at for group in groups), default=None),
+    }
 
 
 def _next_run_data(settings: Settings, model: str, registry: Registry, current: str | None, config):
@@ -392,6 +411,43 @@ def rollback(
         _store(settings).sync_learned(model, registry.lineage(current) if current else [])
 
 
+RaterOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rater",
+        help=f"Who rated it (default: INCREMENTAL_RATER, else your login name; {NO_RATER!r}: not known).",
+    ),
+]
+
+
+def _rater(option: str | None, settings: Settings) -> tuple[str | None, str]:
+    """Who rates, and where that came from (for an error message): --rater, else INCREMENTAL_RATER,
+    else the login name. None (the row's rater is not known) for `--rater -` or a system without one."""
+    if option is not None:
+        return (None if option == NO_RATER else option), "--rater"
+    if settings.rater is not None:
+        return settings.rater, "INCREMENTAL_RATER"
+    try:
+        return getpass.getuser(), "the login name"
+    except (KeyError, OSError):  # no LOGNAME/USER and no passwd entry (some containers): not known
+        return None, "nobody"
+
+
+@contextmanager
+def _rater_named(source: str) -> Iterator[None]:
+    """The store names a bad rater's field; a rater the user did not type also gets where it came from."""
+    try:
+        yield
+    except InvalidFeedbackError as error:
+        if source == "--rater" or "field 'rater'" not in str(error):
+            raise
+        raise CliInputError(f"{source} is not a rater the store takes: {error}; fix it, or pass --rater NAME") from None
+
+
+def _rated_by(rater: str | None) -> str:
+    return f", rated by {_safe(rater)}" if rater is not None else " (rater not known)"
+
+
 @feedback_app.command("add")
 def feedback_add(
     artifact_type: Annotated[str, typer.Option("--type", "-t", help="erd | api | prototype")],
@@ -400,10 +456,12 @@ def feedback_add(
     output: Annotated[Path, typer.Option(help="File with the generated artifact.", exists=True, dir_okay=False)],
     correction: Annotated[Optional[Path], typer.Option(help="File with the corrected artifact.", exists=True, dir_okay=False)] = None,
     generated_by: Annotated[Optional[str], typer.Option(help="Version that generated the output.")] = None,
+    rater: RaterOption = None,
     model: ModelOption = None,
 ) -> None:
     """Store one rating."""
     settings, model = _context(model)
+    rater, rater_source = _rater(rater, settings)
     row = {
         "model": model,
         "artifact_type": artifact_type,
@@ -413,9 +471,11 @@ def feedback_add(
         "correction": _read_field("--correction", correction) if correction else None,
         "generated_by": generated_by,
         "source": "cli",
+        "rater": rater,
     }
-    row_id = _store(settings).add(row)
-    console.print(f"Stored feedback {_safe(row_id)} for {_safe(model)}.")
+    with _rater_named(rater_source):
+        row_id = _store(settings).add(row)
+    console.print(f"Stored feedback {_safe(row_id)} for {_safe(model)}{_rated_by(rater)}.")
 
 
 def _read_field(option: str, path: Path) -> str:
@@ -490,28 +550,60 @@ def feedback_export(
 
 IdsOption = Annotated[Optional[str], typer.Option("--ids", help="Comma-separated feedback ids.")]
 VersionOption = Annotated[Optional[str], typer.Option("--version", help="The rows held with this version's batch or screening.")]
+PickRaterOption = Annotated[
+    Optional[str], typer.Option("--rater", help=f"Only held rows this rater rated ({NO_RATER!r}: rows whose rater is not known).")
+]
+RuleOption = Annotated[
+    Optional[str], typer.Option("--rule", help="Only held rows whose hold reason starts with this rule (e.g. format).")
+]
 ByOption = Annotated[str, typer.Option("--by", help="Who decides; kept with the row.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept with the row.")]
 
 
-def _pick_rows(store: FeedbackStore, model: str, ids: str | None, version: str | None) -> list[str]:
-    if (ids is None) == (version is None):
-        raise CliInputError("give exactly one of --ids a,b,c or --version vN_YYYYMMDD_HHMMSS")
+def _pick_rows(
+    store: FeedbackStore, model: str, ids: str | None, version: str | None, rater: str | None = None, rule: str | None = None
+) -> list[str]:
+    """The rows a release or exclusion is for: `--ids`, or the held rows that --version, --rater and
+    --rule pick together (a group of `incremental feedback held`, or several)."""
     if ids is not None:
+        if version is not None or rater is not None or rule is not None:
+            raise CliInputError("--ids names the rows itself; give it alone, or pick held rows with --version, --rater and --rule")
         picked = [row_id.strip() for row_id in ids.split(",") if row_id.strip()]
         if not picked:
             raise CliInputError("--ids is empty; give comma-separated feedback ids")
         return picked
-    picked = list(store.held_by(model, version))
+    if version is None and rater is None and rule is None:
+        raise CliInputError(
+            f"give --ids a,b,c, or pick held rows with --version vN_YYYYMMDD_HHMMSS, --rater NAME ({NO_RATER!r}: not known) "
+            "and --rule RULE; `incremental feedback held` prints the command for each group"
+        )
+    if rater is None and rule is None:
+        picked = list(store.held_by(model, version))
+    else:
+        wanted_rater = None if rater == NO_RATER else rater
+        picked = sorted(
+            row_id
+            for group in store.held_groups(model)
+            if (version is None or group.version == version)
+            and (rater is None or group.rater == wanted_rater)
+            and (rule is None or group.rule == rule)
+            for row_id in group.ids
+        )
     if not picked:
-        raise CliInputError(f"--version {version}: no rows are held with it; `incremental feedback held` lists held rows")
+        given = " ".join(
+            f"{option} {shlex.quote(value)}" for option, value in (("--version", version), ("--rater", rater), ("--rule", rule)) if value is not None
+        )
+        raise CliInputError(f"{given}: no held rows match; `incremental feedback held` lists held rows and the command for each group")
     return picked
 
 
-def _mark(action: str, past: str, model: str | None, ids: str | None, version: str | None, by: str, reason: str) -> None:
+def _mark(
+    action: str, past: str, model: str | None, ids: str | None, version: str | None, by: str, reason: str,
+    rater: str | None = None, rule: str | None = None,
+) -> None:  # fmt: skip
     settings, model = _context(model)
     store = _store(settings)
-    picked = _pick_rows(store, model, ids, version)
+    picked = _pick_rows(store, model, ids, version, rater, rule)
     try:
         changed = store.mark(model, picked, action, reason=reason, actor=by, version=version)
     except ValueError as error:  # the store's refusals of these arguments name the option (--reason, --by)
@@ -521,20 +613,28 @@ def _mark(action: str, past: str, model: str | None, ids: str | None, version: s
 
 @feedback_app.command("release")
 def feedback_release(
-    ids: IdsOption = None, version: VersionOption = None, model: ModelOption = None,
-    by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "reviewed and released",
+    ids: IdsOption = None, version: VersionOption = None, rater: PickRaterOption = None, rule: RuleOption = None,
+    model: ModelOption = None, by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "reviewed and released",
 ) -> None:
-    """Release held rows: the next runs train on them (train rows) or score them (eval rows) again."""
-    _mark("release", "released", model, ids, version, by, reason)
+    """Release held rows: the next runs train on them (train rows) or score them (eval rows) again.
+
+    Pick them by --ids, or held rows by --version, --rater and --rule together.
+
+    `--version V --rater ana`: the rows held with V's batch or screening that ana rated; `--rater -`: not known.
+    """
+    _mark("release", "released", model, ids, version, by, reason, rater, rule)
 
 
 @feedback_app.command("exclude")
 def feedback_exclude(
-    ids: IdsOption = None, version: VersionOption = None, model: ModelOption = None,
-    by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "bad feedback",
+    ids: IdsOption = None, version: VersionOption = None, rater: PickRaterOption = None, rule: RuleOption = None,
+    model: ModelOption = None, by: ByOption = os.environ.get("USER", "cli"), reason: ReasonOption = "bad feedback",
 ) -> None:
-    """Exclude rows for good (never trained or trusted); reversible with `include`, nothing is deleted."""
-    _mark("exclude", "excluded", model, ids, version, by, reason)
+    """Exclude rows for good (never trained or trusted); reversible with `include`, nothing is deleted.
+
+    Pick them by --ids, or held rows by --version, --rater and --rule together (as `release` does).
+    """
+    _mark("exclude", "excluded", model, ids, version, by, reason, rater, rule)
 
 
 @feedback_app.command("include")
@@ -547,25 +647,87 @@ def feedback_include(
 
 
 @feedback_app.command("held")
-def feedback_held(model: ModelOption = None, limit: Annotated[int, typer.Option(help="Rows to show.", min=0)] = 20) -> None:
-    """Rows held until a person releases or excludes them, with who held them and why."""
+def feedback_held(
+    model: ModelOption = None,
+    limit: Annotated[int, typer.Option(help="Groups to show (--json lists every group).", min=0)] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Rows held until a person releases or excludes them, in groups: who held them, with which version,
+    whose rows they are and by which rule; with a sample row and the commands that decide each group."""
+    model_option = model
     settings, model = _context(model)
     registry = Registry(settings.models_root, model)
     current = registry.current()
-    collected = _store(settings).collect(model, registry.lineage(current) if current else [])
-    held = collected.held
-    console.print(f"{held.num_rows} held rows of {_safe(model)}, {collected.n_excluded} excluded.")
-    if not held.num_rows:
-        return
-    table = Table(title="Held rows")
-    for column in ("id", "type", "rating", "split", "reason"):
-        table.add_column(column, overflow="fold")
-    for row in held.slice(0, limit).to_pylist():
-        table.add_row(
-            _safe(row["id"]), _safe(row["artifact_type"]), _safe(row["rating"]), _safe(row["split"]),
-            _safe(_clip(row["hold_reason"] or "", 100)),
+    store = _store(settings)
+    excluded = store.counts(model, registry.lineage(current) if current else []).excluded
+    groups = store.held_groups(model)
+    commands = [{action: _group_command(action, group, groups, model_option) for action in ("release", "exclude")} for group in groups]
+    if as_json:
+        _print_json(
+            {
+                "model": model, "held": sum(group.count for group in groups), "excluded": excluded,
+                "oldest_held_at": min((group.oldest_held_at for group in groups), default=None),
+                "groups": [
+                    {
+                        "actor": group.actor, "version": group.version, "rater": group.rater, "rule": group.rule,
+                        "count": group.count, "oldest_held_at": group.oldest_held_at, "ids": list(group.ids),
+                        "sample": {
+                            "id": group.sample_id, "artifact_type": group.sample_type, "reason": group.sample_reason,
+                            "notes": group.sample_notes, "target": group.sample_target,
+                        },
+                        "release_command": command["release"], "exclude_command": command["exclude"],
+                    }
+                    for group, command in zip(groups, commands)
+                ],
+            }
         )  # fmt: skip
-    console.print(table)
+        return
+    held = sum(group.count for group in groups)
+    oldest = f"; the oldest was held {_ago(min(g.oldest_held_at for g in groups))}" if groups else ""
+    console.print(f"{held} held rows of {_safe(model)} in {len(groups)} groups, {excluded} excluded{oldest}.")
+    for group, command in zip(groups[:limit], commands):
+        whose = f"rated by {_safe(group.rater)}" if group.rater is not None else "rater not known"
+        version = f"with {_safe(group.version)}" if group.version is not None else "without a version"
+        console.print(
+            f"\n[bold]{group.count} held by {_safe(group.actor)}[/] {version}, {whose}, rule [bold]{_safe(group.rule)}[/]; "
+            f"oldest held {_ago(group.oldest_held_at)}",
+            soft_wrap=True,
+        )
+        console.print(
+            f"  e.g. {_safe(group.sample_id)} ({_safe(group.sample_type)}): {_safe(_clip(group.sample_reason, 100))}", soft_wrap=True
+        )
+        console.print(f"    notes:  {_safe(_clip(group.sample_notes, 100))}", soft_wrap=True, highlight=False)
+        console.print(f"    target: {_safe(_clip(group.sample_target, 100))}", soft_wrap=True, highlight=False)
+        for action in ("release", "exclude"):
+            console.print(f"  {action}: {_safe(command[action])}", soft_wrap=True, highlight=False)
+    if len(groups) > limit:
+        console.print(f"\n... and {len(groups) - limit} more groups (--limit {len(groups)} shows them all).")
+
+
+def _group_command(action: str, group: HeldGroup, groups: Sequence[HeldGroup], model_option: str | None) -> str:
+    """The command that releases or excludes exactly `group`: by its version and rater, with its rule
+    when the version and rater alone would pick other groups too, else by its ids."""
+    words = ["incremental", "feedback", action, *(["--model", model_option] if model_option else [])]
+    if group.version is not None:
+        for with_rule in (False, True):
+            matching = [
+                other for other in groups
+                if (other.version, other.rater) == (group.version, group.rater) and (not with_rule or other.rule == group.rule)
+            ]  # fmt: skip
+            if matching == [group]:
+                rule = ["--rule", group.rule] if with_rule else []
+                return shlex.join([*words, "--version", group.version, "--rater", group.rater or NO_RATER, *rule])
+    return shlex.join([*words, "--ids", ",".join(group.ids)])
+
+
+def _ago(at: datetime, now: datetime | None = None) -> str:
+    """How long ago `at` was, in the largest whole unit: '3 days ago', 'under a minute ago'."""
+    seconds = max(((now or datetime.now(UTC)) - at).total_seconds(), 0.0)
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "under a minute ago"
 
 
 @dataset_app.command("preview")

@@ -1,13 +1,14 @@
 """A small HTTP endpoint over a `serving.Generator`, so an app can generate and rate without Python.
 
-    POST /generate  {"artifact_type", "notes", "max_new_tokens"?}  -> {"id", "model", "version", "artifact_type", "output", "decoding"}
-    POST /rate      {"generation_id", "rating", "correction"?}     -> {"feedback_id", "generation_id"}
-    GET  /health                                                    -> {"model", "version", "mode", "follow", "last_error"}
+    POST /generate  {"artifact_type", "notes", "max_new_tokens"?}           -> {"id", "model", "version", "artifact_type", "output", "decoding"}
+    POST /rate      {"generation_id", "rating", "correction"?, "rater"?}  -> {"feedback_id", "generation_id"}
+    GET  /health                                                         -> {"model", "version", "mode", "follow", "last_error"}
 
 JSON in and out, standard library only (`http.server`, one thread per connection). A request the
 endpoint cannot take is a 400 whose `error` names the field and the fix; an unknown generation is
 a 404, a second rating of one a 409, a feedback database locked past its timeout a 503. It knows
-nothing about models: the Generator serializes generation requests and follows promotions.
+nothing about models: the Generator serializes generation requests and follows promotions. A
+rating's `rater` names who rated (the app's user); without it the row's rater is not known.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ MAX_BODY_BYTES = 2 * MAX_FIELD_BYTES + 64 * 1024
 
 # Each route's fields: name -> (JSON types accepted, required).
 _GENERATE_FIELDS = {"artifact_type": ((str,), True), "notes": ((str,), True), "max_new_tokens": ((int,), False)}
-_RATE_FIELDS = {"generation_id": ((str,), True), "rating": ((str,), True), "correction": ((str, type(None)), False)}
+_RATE_FIELDS = {
+    "generation_id": ((str,), True),
+    "rating": ((str,), True),
+    "correction": ((str, type(None)), False),
+    "rater": ((str, type(None)), False),
+}
 _JSON_TYPE_NAMES = {str: "a string", int: "a whole number", type(None): "null"}
 
 
@@ -100,8 +106,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/rate":
             body = _fields(self._json_body(), _RATE_FIELDS)
             generator = self.server.generator
+            # No default rater: the server's own user is not who rated; the app names its user.
             feedback_id = generator.rate(
-                body["generation_id"], body["rating"], correction=body.get("correction"), source=HTTP_SOURCE
+                body["generation_id"], body["rating"], correction=body.get("correction"), source=HTTP_SOURCE,
+                rater=body.get("rater"),
             )
             return {"feedback_id": feedback_id, "generation_id": body["generation_id"]}
         raise RequestError(HTTPStatus.NOT_FOUND, f"POST {self.path}: not found; POST /generate or POST /rate")

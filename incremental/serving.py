@@ -199,9 +199,18 @@ class Generator:
         log.info("[INCREMENTAL] Generated %s (%s) with %s", generation.id, artifact_type, _label(version))
         return generation
 
-    def rate(self, generation_id: str, rating: str, *, correction: str | None = None, source: str = RATE_SOURCE) -> str:
-        """Store the rating of a recorded generation as one feedback row (see `FeedbackStore.rate`); returns its id."""
-        return self._store.rate(generation_id, rating, correction=correction, source=source)
+    def rate(
+        self,
+        generation_id: str,
+        rating: str,
+        *,
+        correction: str | None = None,
+        source: str = RATE_SOURCE,
+        rater: str | None = None,
+    ) -> str:
+        """Store the rating of a recorded generation as one feedback row (see `FeedbackStore.rate`); returns its id.
+        `rater` is who rated it (None: not known)."""
+        return self._store.rate(generation_id, rating, correction=correction, source=source, rater=rater)
 
     def refresh(self) -> bool:
         """Serve the version the pointer names, if the pointer moved since the last check; True when it switched.

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         "multi-GPU machine; on CPU they share the cores (INCREMENTAL_THREADS in all).",
     )
     db_lock_timeout_s: float = Field(30.0, gt=0, description="How long to retry when another process holds the DuckDB file.")
+    rater: str | None = Field(
+        None,
+        description="Who rates on this machine: the rater `incremental rate` and `incremental feedback add` record "
+        "when no --rater is given; unset: the login name. The feedback store checks it like any row's rater.",
+    )
 
     @field_validator("embedded_cache_dir", "db_path", "models_root")
     @classmethod

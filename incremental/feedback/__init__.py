@@ -7,8 +7,9 @@ while a run trains. Knows nothing about versions beyond their names: the caller 
 
 One module per job: `database` (the file, connections, migrations), `ingest` (validated rows and
 file imports/exports), `lineage` (new / learned / eval for a lineage), `ledger` (what each version
-trained on), `marks` (holds and exclusions), `scores` (the parent-score cache), `generations` (what the
-served model generated, and ratings by generation id).
+trained on), `marks` (holds and exclusions, and held rows in groups), `scores` (the parent-score cache),
+`generations` (what the served model generated, and ratings by generation id), `raters` (each rater's
+record: their rows and what became of them).
 """
 
 from incremental.feedback.database import (
@@ -27,7 +28,8 @@ from incremental.feedback.generations import (
 from incremental.feedback.ingest import EXPORT_FORMATS, IMPORT_FORMATS, FeedbackInput, ImportReport
 from incremental.feedback.ledger import ConsumptionLedger
 from incremental.feedback.lineage import CollectedFeedback, EvalWindow, FeedbackCounts, LineageQueries
-from incremental.feedback.marks import MARK_ACTIONS, RowMark, RowMarks
+from incremental.feedback.marks import MACHINE_ACTORS, MARK_ACTIONS, HeldGroup, RowMark, RowMarks, hold_rule
+from incremental.feedback.raters import RaterRecord, RaterRecords
 from incremental.feedback.scores import ScoreCache
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "UnknownGenerationError",
     "new_generation_id",
     "IMPORT_FORMATS",
+    "MACHINE_ACTORS",
     "MARK_ACTIONS",
     "SCHEMA_VERSION",
     "CollectedFeedback",
@@ -46,14 +49,17 @@ __all__ = [
     "FeedbackSchemaError",
     "FeedbackStore",
     "FeedbackStoreLockedError",
+    "HeldGroup",
     "ImportReport",
+    "RaterRecord",
     "RowMark",
+    "hold_rule",
     "split_for",
 ]
 
 
-class FeedbackStore(Generations, LineageQueries, ConsumptionLedger, RowMarks, ScoreCache):
-    """Feedback rows, the ledger, marks and the score cache in one DuckDB file (see `database.FeedbackDatabase`).
+class FeedbackStore(Generations, LineageQueries, ConsumptionLedger, RowMarks, RaterRecords, ScoreCache):
+    """Feedback rows, the ledger, marks, raters' records and the score cache in one DuckDB file (see `database.FeedbackDatabase`).
 
     Every method opens the file, does its work and closes it. When another process holds the
     file (DuckDB allows one read-write process or many read-only ones), the open is retried with

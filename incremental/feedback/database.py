@@ -137,6 +137,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # v5: who rated each row, so holds, acceptance sampling and a rater's record can tell one
+        # rater's rows from another's. NULL: not known (rows stored before, files without the column).
+        "ALTER TABLE feedback ADD COLUMN rater VARCHAR",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 MARK_ACTIONS: tuple[str, ...] = ("hold", "release", "exclude", "include")

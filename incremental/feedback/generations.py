@@ -1,9 +1,9 @@
 """What the served model generated, and ratings that point at it.
 
 An app (or `incremental generate`) records each generation: the notes, the artifact, the version
-that produced it and how it decoded. Rating it later takes only its id: the feedback row gets the
-generation's notes and output and `generated_by` = its version, so nobody copies text by hand and
-every manifest can say which version's outputs it learned from.
+that produced it and how it decoded. Rating it later takes only its id (and who rates it): the
+feedback row gets the generation's notes and output and `generated_by` = its version, so nobody
+copies text by hand and every manifest can say which version's outputs it learned from.
 """
 
 from __future__ import annotations
@@ -97,9 +97,18 @@ class Generations(FeedbackIngest):
             ).fetchall()
         return [_generation(row) for row in rows]
 
-    def rate(self, generation_id: str, rating: str, *, correction: str | None = None, source: str = RATE_SOURCE) -> str:
+    def rate(
+        self,
+        generation_id: str,
+        rating: str,
+        *,
+        correction: str | None = None,
+        source: str = RATE_SOURCE,
+        rater: str | None = None,
+    ) -> str:
         """Store the rating of a recorded generation as one feedback row and return its id (the
-        generation's id): its notes, its output, and `generated_by` = the version that produced it.
+        generation's id): its notes, its output, `generated_by` = the version that produced it, and
+        `rater` = who rated it (None: not known; checked like any row's rater).
 
         The row then goes through the same checks, screening and holds as any other feedback. A
         second rating of the same generation is refused: feedback rows are never edited.
@@ -128,6 +137,7 @@ class Generations(FeedbackIngest):
                 correction=correction,
                 source=source,
                 generated_by=generation.version,
+                rater=rater,
             )
         )
 

@@ -7,7 +7,8 @@ own readers, JSONL lines by its JSON functions; Python only splits files into li
 error names the real line) and formats the first few problems. A refused batch stores nothing; with
 `skip_invalid` the bad rows go to a reject file instead. Limits: a text field holds at most
 MAX_FIELD_BYTES (16 MiB) of UTF-8, a created_at is at most MAX_CLOCK_SKEW (1 day) ahead of this
-machine's clock. Knows nothing about lineage or training.
+machine's clock, a rater is one line of at most MAX_RATER_CHARS (128) characters. Knows nothing about
+lineage or training.
 """
 
 from __future__ import annotations
@@ -36,17 +37,26 @@ EXPORT_FORMATS: tuple[str, ...] = (".jsonl", ".parquet")
 # What a row gives, and the columns of the feedback table (what `export` writes). A row may name all of
 # them, so an export imports again: a given split must be the one this database computes, and a given
 # ingested_at is ignored: it is when this database stored the row, and it decides which rows the gate
-# trusts, so no file may set it.
-FIELDS = (
+# trusts, so no file may set it. `rater` came with schema v5: it is the table's last column, and a file
+# without it still imports (rater unknown).
+_V1_FIELDS = (
     "id", "model", "artifact_type", "prompt", "output", "rating", "correction", "source", "generated_by", "created_at",
 )  # fmt: skip
-FEEDBACK_COLUMNS = (*FIELDS, "split", "ingested_at")
+FIELDS = (*_V1_FIELDS, "rater")
+FEEDBACK_COLUMNS = (*_V1_FIELDS, "split", "ingested_at", "rater")
 _CHECKED_FIELDS = (*FIELDS, "split")
 _REQUIRED = ("model", "artifact_type", "prompt", "output", "rating")
-# A row without an id gets one derived from these, as given, so importing a file twice stores it once.
+# A row without an id gets one derived from these, as given, so importing a file twice stores it once;
+# and from its rater when it names one, so two people's equal ratings are two rows (a file without
+# raters keeps the ids it had before raters were recorded).
 _CONTENT = ("model", "artifact_type", "prompt", "output", "rating", "correction", "created_at")
-# A row whose id is stored is skipped when these (and created_at, if it gives one) are equal, else refused.
+# A row whose id is stored is skipped when these (and created_at and rater, if it gives them) are
+# equal, else refused.
 _COMPARED = ("model", "artifact_type", "prompt", "output", "rating", "correction", "generated_by")
+# A rater is a short name on one line (a login, an e-mail address). '-' is not one: the CLI's
+# `--rater -` means "rows whose rater is not known".
+MAX_RATER_CHARS = 128
+NO_RATER = "-"
 
 # Limits on what one row may carry. A text field holds at most MAX_FIELD_BYTES of UTF-8: far above any
 # meeting notes or artifact (a 10 MB output is stored verbatim), low enough that one row cannot
@@ -62,7 +72,8 @@ class FeedbackInput:
     """One rated output as the Python API takes it: a typed container; the store checks it (`_RULES`).
 
     `source` None means the entry point's default ('api' for `add`), `created_at` None means now
-    (a naive datetime is UTC), `id` None a fresh uuid4 hex.
+    (a naive datetime is UTC), `id` None a fresh uuid4 hex, `rater` None that nobody knows who
+    rated it. A rater is stored without its surrounding whitespace.
     """
 
     model: str
@@ -75,6 +86,7 @@ class FeedbackInput:
     generated_by: str | None = None
     created_at: datetime | str | None = None
     id: str | None = None
+    rater: str | None = None  # who rated it (a login, an e-mail address); None: not known
 
 
 class ExportTargetExistsError(IncrementalError, FileExistsError):
@@ -107,6 +119,8 @@ _FIELD_HINTS = {
     "created_at": "give an ISO 8601 time such as 2025-11-05T16:00:00Z (no offset means UTC), or omit it for now",
     "id": "omit it, or give a unique id of 1-128 characters without whitespace",
     "split": "drop it: each database decides the split from the id and its eval share",
+    "rater": f"omit it (or pass null) when it is not known, or name who rated the row on one line in 1-{MAX_RATER_CHARS} "
+    "characters (e.g. 'ana' or 'ana@example.com')",
 }
 
 
@@ -129,6 +143,10 @@ def _full(pattern: str) -> str:
 # A character that Python's str.strip() keeps (RE2's \s is ASCII only, so the Unicode spaces are named).
 _VISIBLE = _lit(r"[^\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]")
 _ID_PATTERN = _lit(r"[^\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]{1,128}")
+# Python's str.strip() of a text column: its leading and trailing whitespace, as _VISIBLE reads it.
+_EDGE_SPACE = _lit(r"^[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]+|[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]+$")
+# A control character or a line or paragraph separator: a rater is one line of plain text.
+_NOT_ONE_LINE = _lit(r"[\p{Cc}\p{Zl}\p{Zp}]")
 _TYPES = ", ".join(_lit(t) for t in ARTIFACT_TYPES)
 
 # The rule set. Per field: (what is wrong, SQL that is true when it is, show the value), the first
@@ -170,6 +188,13 @@ _RULES: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "generated_by": (
         ("is not a version name", f"NOT regexp_full_match(generated_by, {_full(VERSION_NAME.pattern)})", True),
     ),
+    # `rater` here is the given text stripped of its surrounding whitespace (see `_checked_sql`).
+    "rater": (
+        ("must not be empty or only whitespace", "rater = ''", True),
+        (f"is longer than {MAX_RATER_CHARS} characters", f"length(rater) > {MAX_RATER_CHARS}", True),
+        ("must be one line without control characters", f"regexp_matches(rater, {_NOT_ONE_LINE})", True),
+        (f"is {NO_RATER!r}, which the command line reads as 'rater not known'", f"rater = {_lit(NO_RATER)}", True),
+    ),
     "created_at": (
         ("is not an ISO 8601 time", "created_at_given IS NOT NULL AND created_ts IS NULL", True),
         (
@@ -184,7 +209,7 @@ _RULES: dict[str, tuple[tuple[str, str, bool], ...]] = {
     ),
 }
 # The column a rule shows as "got" where it is not the field's own name.
-_GIVEN = {"id": "id_given", "created_at": "created_at_given", "split": "split_given"}
+_GIVEN = {"id": "id_given", "created_at": "created_at_given", "split": "split_given", "rater": "rater_given"}
 
 
 def _got(column: str) -> str:
@@ -224,12 +249,13 @@ def _checked_sql(staged: str, place: Callable[[str], str], id_default: str) -> s
     wrong = ", ".join(f"{name}__wrong" for name in _CHECKED_FIELDS)
     differs = [f"CASE WHEN f.{name} IS DISTINCT FROM s.{name} THEN '{name}' END" for name in _COMPARED]
     differs.append("CASE WHEN s.created_at_given IS NOT NULL AND f.created_at IS DISTINCT FROM s.created_ts THEN 'created_at' END")
+    differs.append("CASE WHEN s.rater IS NOT NULL AND f.rater IS DISTINCT FROM s.rater THEN 'rater' END")
     quoted_id = "'''' || id || ''''"
     batch_problem = f"""CASE WHEN first_line < line THEN
         CASE WHEN id_given IS NOT NULL
              THEN 'field ''id'': ' || {quoted_id} || ' is already used by ' || {place('first_line')} || '; give each row its own id'
              ELSE 'the same content as ' || {place('first_line')} || ' (a row without an id is known by its '
-                  || {_lit(', '.join(_CONTENT))} || '); remove the repeat, or give each row an id'
+                  || {_lit(', '.join(_CONTENT))} || ' and rater); remove the repeat, or give each row an id'
         END END"""
     stored_problem = f"""CASE WHEN len(differs) > 0 THEN
         'field ''id'': ' || {quoted_id} || ' is already stored with a different ' || array_to_string(differs, ', ')
@@ -243,6 +269,7 @@ given AS (
            coalesce(model, $default_model::VARCHAR) AS model, artifact_type, prompt, output, rating, correction,
            coalesce(source, $default_source::VARCHAR) AS source, generated_by,
            created_at AS created_at_given, id AS id_given, split AS split_given,
+           rater AS rater_given, regexp_replace(rater, {_EDGE_SPACE}, '', 'g') AS rater,
            -- DuckDB also casts words like 'epoch' and 'infinity'; a time must start with a date.
            CASE WHEN regexp_matches(created_at, '^\\s*\\d{{4}}-\\d{{2}}-\\d{{2}}')
                 THEN TRY_CAST(created_at AS TIMESTAMPTZ) END AS created_parsed
@@ -261,7 +288,7 @@ compared AS (
            CASE WHEN f.id IS NOT NULL THEN list_filter([{", ".join(differs)}], lambda d: d IS NOT NULL) END AS differs
     FROM sided AS s LEFT JOIN feedback AS f ON f.id = s.id LEFT JOIN repeated AS r ON r.id = s.id
 )
-SELECT line, id, model, artifact_type, prompt, output, rating, correction, source, generated_by, created_ts, split,
+SELECT line, id, model, artifact_type, prompt, output, rating, correction, source, generated_by, created_ts, split, rater,
        coalesce(len(differs) = 0, false) AS stored_same,
        CASE WHEN broken IS NOT NULL THEN [broken]
             ELSE list_concat({_UNKNOWN_PROBLEM}, list_filter([{problems}], lambda p: p IS NOT NULL))
@@ -273,12 +300,15 @@ FROM compared
 _INSERT_SQL = f"""
 INSERT INTO feedback ({", ".join(FEEDBACK_COLUMNS)})
 SELECT id, model, artifact_type, prompt, output, rating, correction, source, generated_by,
-       coalesce(created_ts, $now), split, $now
+       coalesce(created_ts, $now), split, $now, rater
 FROM checked WHERE len(problems) = 0 AND NOT stored_same
 """
 # The id of a file's row that has none: 32 hex digits of sha256 over its content as given (JSON, so
 # no two contents read alike). The API's rows get a uuid4 hex instead: two equal ratings are two events.
-_CONTENT_ID = f"left(sha256(to_json([{', '.join(_GIVEN.get(name, name) for name in _CONTENT)}])), 32)"
+_CONTENT_VALUES = ", ".join(_GIVEN.get(name, name) for name in _CONTENT)
+_CONTENT_ID = (
+    f"left(sha256(to_json(CASE WHEN rater IS NULL THEN [{_CONTENT_VALUES}] ELSE [{_CONTENT_VALUES}, rater] END)), 32)"
+)
 _RANDOM_ID = "replace(uuid()::VARCHAR, '-', '')"
 
 

@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 UNRECORDED_GENERATOR = "unrecorded"  # a row whose generating version is not known
 
 # The columns of every text table `collect` returns. `target` is the correction when there is one,
-# else the output; `rejected_output` is the output a correction replaced (NULL otherwise).
+# else the output; `rejected_output` is the output a correction replaced (NULL otherwise); `rater`
+# who rated the row (NULL: not known).
 ROW_COLUMNS = (
     "id", "artifact_type", "prompt", "target", "rejected_output", "rating", "source", "generated_by",
-    "created_at", "ingested_at", "trusted", "hold_reason",
+    "created_at", "ingested_at", "trusted", "hold_reason", "rater",
 )  # fmt: skip
 
 # Every row of a model lands in exactly one bucket. Trainable = 'good' (target = output) or
@@ -91,7 +92,7 @@ selected AS (
 SELECT s.id, s.bucket, s.artifact_type, f.prompt,
        coalesce(f.correction, f.output) AS target,
        CASE WHEN f.correction IS NOT NULL THEN f.output END AS rejected_output,
-       f.rating, f.source, f.generated_by, f.created_at, f.ingested_at, s.trusted, s.hold_reason
+       f.rating, f.source, f.generated_by, f.created_at, f.ingested_at, s.trusted, s.hold_reason, f.rater
 FROM selected AS s JOIN feedback AS f ON f.id = s.id
 ORDER BY f.created_at, f.id
 """
@@ -117,7 +118,7 @@ class CollectedFeedback:
 
     `new`, `eval` and `rejected` have the columns of `ROW_COLUMNS`, oldest first. `learned` is the
     replay pool as ids only (id, created_at), oldest first; `FeedbackStore.rows()` fetches text. `held`
-    lists held rows without text (id, artifact_type, rating, split, source, hold_reason). `eval` and
+    lists held rows without text (id, artifact_type, rating, split, source, hold_reason, rater). `eval` and
     `rejected` are the window a run scores; `available` counts every row of each bucket.
     """
 
@@ -200,7 +201,7 @@ class LineageQueries(FeedbackDatabase):
             rows = con.sql(_SELECTED_SQL, params={"per_type": window.per_type, "anchors": window.anchors}).to_arrow_table()
             learned = con.sql("SELECT id, created_at FROM classified WHERE bucket = 'learned' ORDER BY created_at, id").to_arrow_table()
             held = con.sql(
-                """SELECT c.id, c.artifact_type, f.rating, f.split, f.source, c.hold_reason
+                """SELECT c.id, c.artifact_type, f.rating, f.split, f.source, c.hold_reason, f.rater
                    FROM classified AS c JOIN feedback AS f ON f.id = c.id
                    WHERE c.bucket = 'held' ORDER BY c.created_at, c.id"""
             ).to_arrow_table()
@@ -237,7 +238,7 @@ class LineageQueries(FeedbackDatabase):
                     SELECT f.id, f.artifact_type, f.prompt, coalesce(f.correction, f.output) AS target,
                            CASE WHEN f.correction IS NOT NULL THEN f.output END AS rejected_output,
                            f.rating, f.source, f.generated_by, f.created_at, f.ingested_at,
-                           false AS trusted, NULL::VARCHAR AS hold_reason
+                           false AS trusted, NULL::VARCHAR AS hold_reason, f.rater
                     FROM wanted_rows AS w JOIN feedback AS f ON f.id = w.id AND f.model = $model
                     ORDER BY w.position
                     """,

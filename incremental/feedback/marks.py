@@ -2,6 +2,9 @@
 
 A held row (a rejected batch, or flagged by screening) waits until a person releases or excludes
 it; an excluded row is out for good until included again. Nothing is ever deleted or edited.
+`held_groups` sorts the rows that wait into groups a person can decide at once (who held them, with
+which version, whose rows they are, by which rule). Knows nothing about lineage: a hold holds
+whatever version is current.
 """
 
 from __future__ import annotations
@@ -18,6 +21,33 @@ from incremental.layout import VERSION_NAME
 logger = logging.getLogger(__name__)
 
 MARK_ACTIONS: tuple[str, ...] = ("hold", "release", "exclude", "include")
+# The actors that mark rows without a person: the run's screening and gate hold, a failed run's
+# cleanup releases. Any other actor is a person (`--by`, the login name by default).
+MACHINE_ACTORS: tuple[str, ...] = ("screening", "gate", "rollback")
+SAMPLE_CHARS = 200  # how much of a sample row's notes and target `held_groups` reads
+
+# Per row of the model that has a mark: its latest hold/release mark (`hold_seq`, NULL when it has
+# none), whether its latest exclude/include mark is an exclusion, and whether the gate ever held it.
+# The hold mark's own fields come from joining row_marks on `hold_seq` (unique), not from
+# arg_max(version, seq), which skips NULL values and would name an older mark's version.
+MARK_STATE_SQL = """
+SELECT feedback_id,
+       max(seq) FILTER (WHERE action IN ('hold', 'release')) AS hold_seq,
+       coalesce(arg_max(action, seq) FILTER (WHERE action IN ('exclude', 'include')) = 'exclude', false) AS excluded,
+       bool_or(action = 'hold' AND actor = 'gate') AS blamed_by_gate
+FROM row_marks WHERE model = $model GROUP BY feedback_id
+"""
+
+# The rows waiting for a person (latest hold/release mark a hold, not excluded: an exclusion settles
+# a held row), with the hold in effect and the rule it names (the reason's text before its first ': ').
+_HELD_SQL = f"""
+SELECT s.feedback_id AS id, h.actor, h.version, h.reason, split_part(h.reason, ': ', 1) AS rule,
+       h.marked_at AS held_at, f.rater
+FROM ({MARK_STATE_SQL}) AS s
+JOIN row_marks AS h ON h.seq = s.hold_seq
+JOIN feedback AS f ON f.id = s.feedback_id AND f.model = $model
+WHERE h.action = 'hold' AND NOT s.excluded
+"""
 
 @dataclass(frozen=True)
 class RowMark:
@@ -30,6 +60,35 @@ class RowMark:
     actor: str
     version: str | None
     at: datetime
+
+
+def hold_rule(reason: str) -> str:
+    """The rule a hold reason names: its text before the first ': ' (all of it when there is none).
+    Screening's reasons start with a short rule (`format: ...`); the gate's with its batch
+    (`batch of rejected vN_...: ...`)."""
+    return reason.split(": ", 1)[0]
+
+
+@dataclass(frozen=True)
+class HeldGroup:
+    """Held rows that share who held them (`actor`), the version of the hold, whose rows they are
+    (`rater`, None: not known) and the rule of the hold reason; with one sample row to look at."""
+
+    actor: str
+    version: str | None
+    rater: str | None
+    rule: str
+    ids: tuple[str, ...]  # sorted
+    oldest_held_at: datetime  # when the longest-waiting row of the group was held
+    sample_id: str  # the longest-waiting row (then the smallest id)
+    sample_type: str
+    sample_reason: str  # its hold reason in full
+    sample_notes: str  # the first SAMPLE_CHARS characters of its notes
+    sample_target: str  # ... of its correction, or of its output when it has none
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
 
 
 class RowMarks(FeedbackDatabase):
@@ -105,16 +164,50 @@ class RowMarks(FeedbackDatabase):
         check_model(model)
         with self._read() as con:
             rows = con.execute(
-                """
-                SELECT feedback_id FROM row_marks
-                WHERE model = ? AND action IN ('hold', 'release')
-                GROUP BY feedback_id
-                HAVING arg_max(action, seq) = 'hold' AND arg_max(version, seq) = ?
-                ORDER BY feedback_id
+                f"""
+                SELECT s.feedback_id FROM ({MARK_STATE_SQL}) AS s JOIN row_marks AS h ON h.seq = s.hold_seq
+                WHERE h.action = 'hold' AND h.version = $version
+                ORDER BY s.feedback_id
                 """,
-                [model, version],
+                {"model": model, "version": version},
             ).fetchall()
         return tuple(row_id for (row_id,) in rows)
+
+    def held_groups(self, model: str) -> tuple[HeldGroup, ...]:
+        """The rows waiting for a person, grouped by (actor, version, rater, rule), the longest-waiting
+        group first. Excluded rows are not in any group (they are settled). One read of the file."""
+        check_model(model)
+        with self._read() as con:
+            groups = con.execute(
+                f"""
+                WITH held AS ({_HELD_SQL})
+                SELECT actor, version, rater, rule, list(id ORDER BY id), min(held_at), arg_min(id, (held_at, id))
+                FROM held GROUP BY actor, version, rater, rule
+                ORDER BY min(held_at), actor, version NULLS FIRST, rater NULLS FIRST, rule
+                """,
+                {"model": model},
+            ).fetchall()
+            samples = {
+                row[0]: row[1:]
+                for row in con.execute(
+                    f"""
+                    WITH held AS ({_HELD_SQL})
+                    SELECT f.id, f.artifact_type, held.reason, left(f.prompt, {SAMPLE_CHARS}),
+                           left(coalesce(f.correction, f.output), {SAMPLE_CHARS})
+                    FROM feedback AS f JOIN held ON held.id = f.id
+                    WHERE f.model = $model AND f.id IN (SELECT unnest($ids::VARCHAR[]))
+                    """,
+                    {"model": model, "ids": [group[6] for group in groups]},
+                ).fetchall()
+            }
+        return tuple(
+            HeldGroup(
+                actor=actor, version=version, rater=rater, rule=rule, ids=tuple(ids), oldest_held_at=oldest,
+                sample_id=sample, sample_type=samples[sample][0], sample_reason=samples[sample][1],
+                sample_notes=samples[sample][2], sample_target=samples[sample][3],
+            )
+            for actor, version, rater, rule, ids, oldest, sample in groups
+        )  # fmt: skip
 
     def marks(self, model: str, ids: Sequence[str] | None = None) -> tuple[RowMark, ...]:
         """The recorded marks of the model's rows (all, or of `ids`), oldest first."""

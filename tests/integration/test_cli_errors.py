@@ -119,7 +119,7 @@ def test_feedback_add_refuses_a_notes_file_it_cannot_store(seeded: Path, content
         pytest.param(["feedback", "import", "{tmp}/dir.jsonl"], ["{tmp}/dir.jsonl: is a folder"], id="import-a-folder-named-jsonl"),
         pytest.param(["status", "--model", "Bad[/x]"], ["--model 'Bad[/x]': not a model name"], id="bad-model"),
         pytest.param(["feedback", "release", "--ids", "seed-0", "--reason", ""], ["needs a reason (--reason)"], id="empty-reason"),
-        pytest.param(["feedback", "release"], ["give exactly one of --ids"], id="release-nothing"),
+        pytest.param(["feedback", "release"], ["give --ids a,b,c, or pick held rows with --version"], id="release-nothing"),
         pytest.param(["feedback", "release", "--ids", "[/x]"], ["'[/x]'", "check the ids"], id="release-unknown-id"),
         pytest.param(["rollback", "[/x]"], ["'[/x]' is not a finished version of 'tiny'"], id="rollback-unknown"),
         pytest.param(["versions", "--explain", "[bold]v9"], ["'[bold]v9' is not a finished version"], id="explain-unknown"),

@@ -162,6 +162,7 @@ def test_status_json_equals_the_library(tree: Path) -> None:
         "problems": [],
         "interrupted": [],
         "feedback": dataclasses.asdict(store.counts("tiny", lineage, trusted_before=trusted_before)),
+        "held": {"rows": 2, "groups": 1, "oldest_held_at": store.held_groups("tiny")[0].oldest_held_at.isoformat()},
     }
     assert status["feedback"]["held"] == 2 and status["feedback"]["total"] == 70
 

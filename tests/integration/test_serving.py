@@ -71,7 +71,7 @@ def feedback_row(db_path: Path, row_id: str) -> dict:
     con = duckdb.connect(str(db_path), read_only=True)
     try:
         cursor = con.execute(
-            "SELECT prompt, output, rating, correction, generated_by, source, artifact_type FROM feedback WHERE id = ?", [row_id]
+            "SELECT prompt, output, rating, correction, generated_by, source, artifact_type, rater FROM feedback WHERE id = ?", [row_id]
         )
         names = [column[0] for column in cursor.description]
         return dict(zip(names, cursor.fetchone()))
@@ -292,11 +292,15 @@ def test_http_generate_and_rate_round_trip_and_bad_requests_name_the_field(env, 
         assert status == 200 and generated["version"] == v1 and generated["output"], generated
         assert env_store.generation(generated["id"]).output == generated["output"]
 
-        assert call(url, "POST", "/rate", {"generation_id": generated["id"], "rating": "good"}) == (
+        status, answer = call(url, "POST", "/rate", {"generation_id": generated["id"], "rating": "good", "rater": "a\nb"})
+        assert status == 400 and "field 'rater'" in answer["error"], answer
+        assert call(url, "POST", "/rate", {"generation_id": generated["id"], "rating": "good", "rater": "ana"}) == (
             200, {"feedback_id": generated["id"], "generation_id": generated["id"]},
         )  # fmt: skip
         row = feedback_row(env.db_path, generated["id"])
-        assert (row["generated_by"], row["prompt"], row["output"], row["source"]) == (v1, NOTES, generated["output"], "http")
+        assert (row["generated_by"], row["prompt"], row["output"], row["source"], row["rater"]) == (
+            v1, NOTES, generated["output"], "http", "ana",
+        )  # fmt: skip
         status, again = call(url, "POST", "/rate", {"generation_id": generated["id"], "rating": "good"})
         assert status == 409 and "already rated" in again["error"]
         status, unknown = call(url, "POST", "/rate", {"generation_id": "nope", "rating": "good"})

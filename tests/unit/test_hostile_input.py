@@ -276,7 +276,7 @@ def test_cli_feedback_add_stores_file_text_byte_for_byte_or_refuses_in_one_line(
         if visible(notes) and visible(output):
             assert result.exit_code == 0, result.output
             assert_clean(result.output)
-            row_id = re.fullmatch(r"Stored feedback ([0-9a-f]{32}) for tiny\.\n", result.output)[1]
+            row_id = re.fullmatch(r"Stored feedback ([0-9a-f]{32}) for tiny(, rated by .+| \(rater not known\))\.\n", result.output)[1]
             back = read_back(store, row_id)
             assert (back["prompt"], back["target"], back["source"]) == (notes, output, "cli")
         else:

@@ -558,7 +558,7 @@ def test_export_orders_by_created_at_then_id_and_filters_by_model(store: Feedbac
     assert [r["id"] for r in exported] == ["c", "a", "b"]
     assert set(exported[0]) == {
         "id", "model", "artifact_type", "prompt", "output", "rating", "correction", "source", "generated_by",
-        "created_at", "split", "ingested_at",
+        "created_at", "split", "ingested_at", "rater",
     }  # fmt: skip
 
 
