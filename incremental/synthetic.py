@@ -175,6 +175,65 @@ _DOMAINS = (
     ),
 )
 
+# Domains whose every entity, attribute and domain name is a word the domains above never use: clean
+# feedback a model trained on the corpus finds new (a new customer's vocabulary), for screening and
+# gate benchmarks. The embedded base never pretrains on them.
+_NEW_ATTRIBUTE_TYPES = {
+    "acidity": "decimal", "aperture": "decimal", "aroma": "string", "berth": "int", "brightness": "decimal",
+    "buoy": "string", "discovered": "date", "exposure": "int", "focal": "int", "glass": "string",
+    "harvest": "date", "heat": "int", "hull": "string", "humidity": "int", "keel": "decimal", "latitude": "decimal",
+    "launched": "date", "lens": "string", "licence": "string", "longitude": "decimal", "magnitude": "decimal",
+    "mooring": "bool", "mount": "string", "nickname": "string", "oak": "string", "orbit": "string",
+    "orcid": "string", "palate": "string", "pier": "int", "roster": "string", "sail": "string", "seeing": "string",
+    "shelf": "string", "tenure": "int", "tide": "string", "uniform": "string", "varietal": "string",
+    "verdict": "string", "vintage": "int", "volume": "decimal", "wind": "int", "zone": "string",
+}
+_NEW_DOMAINS = (
+    _Domain(
+        "vineyard",
+        {
+            "Barrel": ("vintage", "volume", "oak"),
+            "Grape": ("varietal", "acidity", "harvest"),
+            "Cellar": ("humidity", "shelf", "zone"),
+            "Sommelier": ("nickname", "tenure", "palate"),
+            "Tasting": ("verdict", "aroma", "glass"),
+        },
+        (
+            _rel("Cellar", "stores", "Barrel"), _rel("Sommelier", "hosts", "Tasting"),
+            _rel("Tasting", "samples", "Barrel", many=False), _rel("Grape", "fills", "Barrel"),
+        ),
+    ),
+    _Domain(
+        "observatory",
+        {
+            "Telescope": ("aperture", "mount", "lens", "focal"),
+            "Astronomer": ("nickname", "orcid", "tenure"),
+            "Comet": ("brightness", "orbit", "discovered"),
+            "Expedition": ("latitude", "longitude", "launched"),
+            "Observation": ("magnitude", "exposure", "seeing"),
+        },
+        (
+            _rel("Astronomer", "operates", "Telescope"), _rel("Telescope", "captures", "Observation"),
+            _rel("Observation", "tracks", "Comet", many=False), _rel("Astronomer", "leads", "Expedition"),
+        ),
+    ),
+    _Domain(
+        "regatta",
+        {
+            "Yacht": ("hull", "sail", "keel", "berth"),
+            "Skipper": ("nickname", "licence", "tenure"),
+            "Race": ("buoy", "wind", "heat"),
+            "Crew": ("roster", "uniform"),
+            "Harbour": ("pier", "tide", "mooring"),
+        },
+        (
+            _rel("Skipper", "steers", "Yacht"), _rel("Yacht", "enters", "Race"), _rel("Harbour", "moors", "Yacht"),
+            _rel("Skipper", "recruits", "Crew"),
+        ),
+    ),
+)
+_TYPE_OF = {**_ATTRIBUTE_TYPES, **_NEW_ATTRIBUTE_TYPES}
+
 _HEADERS = (
     "Meeting notes: {domain} app",
     "Notes from the {domain} kickoff",
@@ -243,8 +302,8 @@ def _join(words: Sequence[str], rng: random.Random) -> str:
     return ", ".join(words)
 
 
-def _draw_spec(rng: random.Random) -> _Spec:
-    domain = rng.choice(_DOMAINS)
+def _draw_spec(rng: random.Random, domains: Sequence[_Domain] = _DOMAINS) -> _Spec:
+    domain = rng.choice(domains)
     n_entities = rng.choice((1, 2, 2, 3, 3))
     names = [rng.choice(sorted(domain.entities))]
     while len(names) < n_entities:
@@ -297,7 +356,7 @@ def _render_erd(spec: _Spec) -> str:
         lines.append(f"  {r.source} ||--{'o{' if r.many else '||'} {r.target} : {r.verb.replace(' ', '_')}")
     for entity in spec.entities:
         lines.append(f"  {entity.name} {{")
-        lines.extend(f"    {_ATTRIBUTE_TYPES[a]} {a}" for a in entity.attributes)
+        lines.extend(f"    {_TYPE_OF[a]} {a}" for a in entity.attributes)
         lines.append("  }")
     return "\n".join(lines)
 
@@ -311,12 +370,12 @@ def _render_api(spec: _Spec) -> str:
     for entity in spec.entities:
         lines += [f"    {entity.name}:", "      properties:"]
         for a in entity.attributes:
-            lines += [f"        {a}:", f"          type: {_OPENAPI_TYPES[_ATTRIBUTE_TYPES[a]]}"]
+            lines += [f"        {a}:", f"          type: {_OPENAPI_TYPES[_TYPE_OF[a]]}"]
     return "\n".join(lines)
 
 
 def _render_input(attribute: str) -> str:
-    input_type = _INPUT_TYPES[_ATTRIBUTE_TYPES[attribute]]
+    input_type = _INPUT_TYPES[_TYPE_OF[attribute]]
     # "text" is HTML's default input type; leaving it out keeps sequences short.
     return f'  <input name="{attribute}">' if input_type == "text" else f'  <input name="{attribute}" type="{input_type}">'
 
@@ -352,7 +411,7 @@ def _render_outline_yaml(spec: _Spec) -> str:
     for entity in spec.entities:
         plural = _plural(entity.name.lower())
         lines += [f"  {entity.name}:", f"    path: /{plural}", "    fields:"]
-        lines.extend(f"      {a}: {_ATTRIBUTE_TYPES[a]}" for a in entity.attributes)
+        lines.extend(f"      {a}: {_TYPE_OF[a]}" for a in entity.attributes)
     lines.append("relations:")
     lines.extend(f"  - {r.source} {r.verb} {'many' if r.many else 'one'} {r.target}" for r in spec.relations)
     if not spec.relations:
@@ -379,7 +438,7 @@ _RENDERERS = {
 
 def _degrade(spec: _Spec, rng: random.Random) -> _Spec:
     """A plausible but wrong version of `spec`: an entity, attribute or relation missing or swapped."""
-    pools = {name: pool for domain in _DOMAINS if domain.name == spec.domain for name, pool in domain.entities.items()}
+    pools = {name: pool for domain in (*_DOMAINS, *_NEW_DOMAINS) if domain.name == spec.domain for name, pool in domain.entities.items()}
     options = ["wrong_attribute"]
     if len(spec.entities) > 1:
         options.append("drop_entity")
@@ -420,7 +479,7 @@ def _check_types(artifact_types: Sequence[str]) -> tuple[str, ...]:
     return types
 
 
-def _draw(n: int, seed: int, salt: str) -> list[tuple[_Spec, str, random.Random]]:
+def _draw(n: int, seed: int, salt: str, domains: Sequence[_Domain] = _DOMAINS) -> list[tuple[_Spec, str, random.Random]]:
     """n distinct (spec, notes) pairs; `salt` keeps streams of different public functions apart."""
     if n < 0:
         raise ValueError(f"n={n}: expected a count >= 0")
@@ -428,7 +487,7 @@ def _draw(n: int, seed: int, salt: str) -> list[tuple[_Spec, str, random.Random]
     drawn: list[tuple[_Spec, str, random.Random]] = []
     seen: set[str] = set()
     while len(drawn) < n:
-        spec = _draw_spec(rng)
+        spec = _draw_spec(rng, domains)
         notes = _render_notes(spec, rng)
         if notes not in seen:
             seen.add(notes)
@@ -436,11 +495,13 @@ def _draw(n: int, seed: int, salt: str) -> list[tuple[_Spec, str, random.Random]
     return drawn
 
 
-def generate_cases(n: int, seed: int, artifact_types: Sequence[str] = ARTIFACT_TYPES) -> list[MeetingCase]:
-    """`n` distinct meeting notes, each with the artifact of a type drawn from `artifact_types`."""
+def generate_cases(n: int, seed: int, artifact_types: Sequence[str] = ARTIFACT_TYPES, *, new_domain: bool = False) -> list[MeetingCase]:
+    """`n` distinct meeting notes, each with the artifact of a type drawn from `artifact_types`;
+    `new_domain=True` draws them from domains whose names the default corpus never uses."""
     types = _check_types(artifact_types)
     cases = []
-    for spec, notes, rng in _draw(n, seed, "cases"):
+    drawn = _draw(n, seed, "cases:new-domain", _NEW_DOMAINS) if new_domain else _draw(n, seed, "cases")
+    for spec, notes, rng in drawn:
         artifact_type = rng.choice(types)
         cases.append(MeetingCase(notes, artifact_type, _RENDERERS[artifact_type](spec)))
     return cases
@@ -468,20 +529,23 @@ def synthetic_feedback(
     corrected_share: float = 0.2,
     poisoned: bool = False,
     source: str = "synthetic",
+    new_domain: bool = False,
 ) -> list[dict]:
     """`n` feedback rows as users would leave them; `prompt` holds the raw meeting notes.
 
     `good_share` of rows are rated 'good' with the right artifact, `corrected_share` are
     'needs_improvement' with a degraded output and the right artifact as correction, the rest are
     'needs_improvement' without a correction. `poisoned=True` rates every row 'good' although each
-    output is the artifact of another row's notes (same type where possible).
+    output is the artifact of another row's notes (same type where possible). `new_domain=True` draws
+    the notes from domains whose entity, attribute and domain names the default corpus never uses.
     """
     if not (0.0 <= good_share <= 1.0 and 0.0 <= corrected_share <= 1.0 and good_share + corrected_share <= 1.0):
         raise ValueError(
             f"good_share={good_share}, corrected_share={corrected_share}: each must be in [0, 1] and their sum at most 1"
         )
-    drawn = _draw(n, seed, f"feedback:{'poisoned' if poisoned else 'honest'}")
-    rng = random.Random(f"feedback-labels:{seed}:{poisoned}")
+    salt = f"feedback:{'poisoned' if poisoned else 'honest'}"
+    drawn = _draw(n, seed, f"{salt}:new-domain", _NEW_DOMAINS) if new_domain else _draw(n, seed, salt)
+    rng = random.Random(f"feedback-labels:{seed}:{poisoned}{':new-domain' if new_domain else ''}")
     types = [rng.choice(ARTIFACT_TYPES) for _ in drawn]
     right = [_RENDERERS[t](spec) for t, (spec, _, _) in zip(types, drawn)]
 
@@ -577,3 +641,90 @@ def _replace_all_attributes(spec: _Spec, rng: random.Random) -> _Spec:
         spare = [a for a in _ATTRIBUTE_TYPES if a not in entity.attributes]
         entities.append(replace(entity, attributes=tuple(rng.sample(spare, len(entity.attributes)))))
     return replace(spec, entities=tuple(entities))
+
+
+def corrected_feedback(
+    cases: Sequence[MeetingCase], outputs: Sequence[str], *, model: str, generated_by: str | None = None,
+    restyle_seed: int | None = None, source: str = "rate",
+) -> list[dict]:
+    """Ratings as a careful user leaves them on generations: `outputs[i]` was generated for `cases[i]`;
+    an output equal to the right artifact is rated 'good', any other 'needs_improvement' with the right
+    artifact as its correction. With `restyle_seed`, each correction is written in another valid style
+    (`restyle_artifact`): the right content, not the corpus's layout."""
+    if len(cases) != len(outputs):
+        raise ValueError(f"{len(cases)} cases but {len(outputs)} outputs: expected one generated output per case")
+    rows = []
+    for i, (case, output) in enumerate(zip(cases, outputs)):
+        right = case.artifact if restyle_seed is None else restyle_artifact(case.artifact_type, case.artifact, restyle_seed + i)
+        good = output.strip() == case.artifact.strip()
+        rows.append({
+            "model": model, "artifact_type": case.artifact_type, "prompt": case.notes, "output": output,
+            "rating": "good" if good else "needs_improvement", "correction": None if good else right,
+            "source": source, "generated_by": generated_by,
+        })  # fmt: skip
+    return rows
+
+
+def restyle_artifact(artifact_type: str, text: str, seed: int) -> str:
+    """The same artifact in another valid style, as a person might write it: fields in another order,
+    other indentation and quoting, names in another case. The names it declares (lower-cased) and its
+    validity stay the same; only the layout differs from the corpus's."""
+    rng = random.Random(f"restyle:{seed}")
+    if artifact_type == "erd":
+        return _restyle_erd(text, rng)
+    if artifact_type == "api":
+        return _restyle_api(text, rng)
+    if artifact_type == "prototype":
+        return _restyle_prototype(text, rng)
+    raise ValueError(f"artifact_type={artifact_type!r}: expected one of {', '.join(ARTIFACT_TYPES)}")
+
+
+def _restyle_erd(text: str, rng: random.Random) -> str:
+    indent = rng.choice(("    ", "\t", " "))
+    upper = rng.random() < 0.5
+    block: list[str] | None = None  # the attribute lines of the open entity block
+    out: list[str] = []
+    for line in text.split("\n")[1:]:
+        stripped = line.strip()
+        if stripped.endswith("{"):
+            out.append(f"{indent}{stripped}")
+            block = []
+        elif stripped == "}" and block is not None:
+            rng.shuffle(block)
+            out.extend(block)
+            out.append(f"{indent}}}")
+            block = None
+        elif block is not None:
+            kind, name = stripped.split(" ", 1)
+            block.append(f"{indent * 2}{kind.upper() if upper else kind} {name.capitalize() if upper else name}")
+        else:
+            out.append(f"{indent}{stripped}")
+    return "\n".join(["erDiagram", *out])
+
+
+def _restyle_api(text: str, rng: random.Random) -> str:
+    import yaml
+
+    document = yaml.safe_load(text)
+    for schema in document.get("components", {}).get("schemas", {}).values():
+        items = list(schema["properties"].items())
+        rng.shuffle(items)
+        schema["properties"] = dict(items)
+    return yaml.safe_dump(document, sort_keys=rng.random() < 0.5, indent=rng.choice((2, 4)), default_flow_style=False).rstrip("\n")
+
+
+def _restyle_prototype(text: str, rng: random.Random) -> str:
+    quote = rng.choice(("'", '"'))
+    indent = rng.choice(("    ", "\t"))
+    out, fields = [], []
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(("<input", "<select")):
+            fields.append(indent + stripped.replace('"', quote))
+            continue
+        if fields:
+            rng.shuffle(fields)
+            out.extend(fields)
+            fields = []
+        out.append((indent if stripped.startswith("<button") else "") + stripped.replace('"', quote))
+    return "\n".join(out)

@@ -202,3 +202,37 @@ def _spec_of(synthetic, notes: str):
     names = [e.name for e in entities]
     relations = tuple(r for r in domain.relations if r.source in names and r.target in names)
     return synthetic._Spec(domain.name, tuple(entities), relations)
+
+
+def test_new_domain_rows_use_no_name_the_default_corpus_uses():
+    from incremental.artifacts import check_artifact
+
+    def names(rows):
+        return {part for row in rows for name in check_artifact(row["artifact_type"], row["output"]).names for part in name.split(".")}
+
+    known = names(synthetic_feedback(400, 1, model="m", good_share=1.0, corrected_share=0.0))
+    new = names(synthetic_feedback(400, 1, model="m", good_share=1.0, corrected_share=0.0, new_domain=True))
+    assert new and not known & new
+
+
+def test_restyled_artifacts_declare_the_same_names_in_another_layout():
+    from incremental.artifacts import check_artifact
+    from incremental.synthetic import restyle_artifact
+
+    for i, case in enumerate(generate_cases(60, 4)):
+        restyled = restyle_artifact(case.artifact_type, case.artifact, i)
+        check = check_artifact(case.artifact_type, restyled)
+        assert check.valid and check.names == check_artifact(case.artifact_type, case.artifact).names
+        assert restyled != case.artifact
+
+
+def test_corrected_feedback_rates_a_right_generation_good_and_corrects_the_rest():
+    from incremental.synthetic import corrected_feedback
+
+    cases = generate_cases(4, 5)
+    rows = corrected_feedback(cases, [cases[0].artifact, "wrong", "", cases[3].artifact + "\n"], model="m", generated_by="v1_20260101_000000")
+    assert [row["rating"] for row in rows] == ["good", "needs_improvement", "needs_improvement", "good"]
+    assert rows[1]["correction"] == cases[1].artifact and rows[0]["correction"] is None
+    assert {row["generated_by"] for row in rows} == {"v1_20260101_000000"}
+    with pytest.raises(ValueError, match="one generated output per case"):
+        corrected_feedback(cases, ["x"], model="m")
