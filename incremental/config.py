@@ -104,6 +104,11 @@ class DataSettings(BaseModel):
     replay_ratio: float = Field(
         1.0, ge=0.0, le=10.0, description="Replayed older rows per new row (against forgetting); 0 trains on new rows only."
     )
+    min_replay_rows: int = Field(
+        128, ge=0,
+        description="Replayed rows a run gets at least, whatever the batch's size (when replay_ratio > 0 and the lineage "
+        "has learned that many): a small batch of corrections is then learned beside what the parent already does well.",
+    )
     max_replay_rows: int = Field(2000, ge=0, description="Upper bound on replayed rows, so cost stays O(new + bounded replay).")
     min_new_rows: int = Field(1, ge=1, description="Fewer new trainable rows than this and the run is skipped.")
     max_eval_rows_per_type: int | None = Field(
@@ -139,7 +144,13 @@ class MetricRule(BaseModel):
 
 
 class ScreeningPolicy(BaseModel):
-    """Suspect new rows are held before training: a person releases or excludes them."""
+    """Rows that look wrong are held before training, until a person releases or excludes them.
+
+    A row is held for what makes it wrong (it does not parse, names things its notes never mention,
+    does not follow from its notes, or comes in a lot with far too many such rows), never for being
+    new to the parent: see incremental/screening.py and BENCHMARKS.md (gate quality) for each rule's
+    measured false-hold rate on genuine corrections and new-domain rows.
+    """
 
     model_config = _FROZEN
 
@@ -149,24 +160,43 @@ class ScreeningPolicy(BaseModel):
         description="A row whose target is no more likely under its own notes than under other notes by more than "
         "this (nats per token) is suspect: it does not follow from its notes.",
     )
+    min_grounded_share: float = Field(
+        0.6, ge=0.0, le=1.0,
+        description="A row is suspect when fewer than this share of the names its target declares (entities, fields) "
+        "appear in its own notes: a target written for other notes, or invented fields. 0 switches the rule off.",
+    )
+    min_covered_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="A row is suspect when its target declares fewer than this share of the names its notes mention "
+        "(words that artifacts of the parent's trusted rows or of the batch use as names; judged with 3 or more): an "
+        "artifact with entities or fields left out. 0 switches the rule off.",
+    )
     max_nll_z: float = Field(
         4.0, gt=0.0,
-        description="A row whose per-token NLL is this many robust standard deviations above the parent's NLL on "
-        "unseen rows of the same artifact type is suspect.",
+        description="Novelty threshold: a row whose per-token NLL is this many robust standard deviations above the "
+        "parent's NLL on unseen rows of its type is new to the parent. That holds nothing by itself (a correction is "
+        "by definition new); a novel row must have every declared name in its notes, and a flagged rater's novel rows wait.",
     )
     min_reference_rows: int = Field(
-        6, ge=2, description="Fewer unseen trusted rows of an artifact type than this and that type is not screened."
+        6, ge=2, description="Fewer unseen trusted rows of an artifact type than this and the parent-based rules skip that type."
     )
     clean_suspect_share: float = Field(
         0.05, gt=0.0, lt=1.0,
-        description="Share of a clean batch's rows the rules flag anyway (3-6 % measured on the embedded default). "
-        "A source whose batch has improbably many more suspects is held whole.",
+        description="Share of a clean batch's rows the rules flag anyway (measured in BENCHMARKS.md, gate quality). "
+        "A lot (one rater's rows from one source) with improbably many more suspects is held whole.",
     )
     lot_p_value: float = Field(
         0.01, gt=0.0, lt=1.0,
-        description="Hold every row of a source's batch when that many suspects would happen by chance to a clean "
-        "batch with probability below this (acceptance sampling: the rules miss some bad rows, so a bad lot is held whole).",
+        description="Hold every row of a lot when that many suspects would happen by chance to a clean lot with "
+        "probability below this (acceptance sampling: the rules miss some bad rows, so a bad lot is held whole).",
     )
+    flag_rater_bad_share: float = Field(
+        0.2, gt=0.0, le=1.0,
+        description="A rater is flagged when at least this share of their settled rows (released or excluded by a "
+        "person, or blamed by the gate) were excluded or blamed, and at least flag_rater_min_bad of them: a flagged "
+        "rater's novel rows wait for a person. A rater with no record is not flagged.",
+    )
+    flag_rater_min_bad: int = Field(5, ge=1, description="Bad rows a rater's record needs before it can flag them.")
     check_format: bool = Field(
         True, description="A row whose target does not parse as its declared artifact type (a Mermaid erDiagram, an "
         "OpenAPI 3 document, an HTML form) is suspect."
@@ -224,6 +254,12 @@ class GatePolicy(BaseModel):
         "promote",
         description="What an inconclusive verdict does for a first version, judged against the base model on rows none of "
         "which are trusted yet: promote (default; a failed rule still rejects) or keep the base model.",
+    )
+    max_waits: int = Field(
+        2, ge=0, le=100,
+        description="An undecided verdict (an interval straddles its margin; no rule failed) keeps the parent and holds "
+        "nothing: its rows come back as new and the next run trains on them with what arrived since. A row that has "
+        "already waited through this many undecided candidates of the same parent is held for a person instead.",
     )
     new_rows_must_improve: bool = Field(
         False, description="Also require target NLL on the batch's own (untrusted) eval rows to improve clearly."
