@@ -131,7 +131,12 @@ def plan_dataset(
     target) is a user's file of reference rows, always trusted.
     """
     new, learned = collected.new, collected.learned
-    n_replay = min(round(data.replay_ratio * new.num_rows), data.max_replay_rows, learned.num_rows)
+    # A small batch still gets min_replay_rows of replay: a few dozen corrections trained alone pull
+    # what the parent already does well out of shape (measured: BENCHMARKS.md, gate quality).
+    wanted = round(data.replay_ratio * new.num_rows)
+    if data.replay_ratio > 0:
+        wanted = max(wanted, data.min_replay_rows)
+    n_replay = min(wanted, data.max_replay_rows, learned.num_rows)
     rng = np.random.default_rng(_seed_from(seed, new))
     picked = np.sort(rng.choice(learned.num_rows, size=n_replay, replace=False)) if n_replay else []
     replay_ids = learned.column("id").take(pa.array(picked, type=pa.int64())).to_pylist()

@@ -124,12 +124,26 @@ def test_the_dataset_plan_fetches_only_the_sampled_replay_rows(store: FeedbackSt
         asked.append(list(wanted))
         return store.rows("tiny", wanted)
 
-    plan = plan_dataset(collected, DataSettings(replay_ratio=1.0), seed=0, fetch_rows=fetch)
+    plan = plan_dataset(collected, DataSettings(replay_ratio=1.0, min_replay_rows=0), seed=0, fetch_rows=fetch)
     assert plan.new_ids == tuple(train[25:]) and len(plan.replay_ids) == 5
     assert asked == [list(plan.replay_ids)] and set(plan.replay_ids) <= set(train[:25])
     # Same inputs, same sample.
-    again = plan_dataset(store.collect("tiny", [V1]), DataSettings(replay_ratio=1.0), seed=0, fetch_rows=fetch)
+    again = plan_dataset(store.collect("tiny", [V1]), DataSettings(replay_ratio=1.0, min_replay_rows=0), seed=0, fetch_rows=fetch)
     assert again.replay_ids == plan.replay_ids
+
+
+@pytest.mark.parametrize(
+    "ratio,minimum,replayed",
+    [(1.0, 12, 12), (1.0, 3, 5), (1.0, 100, 25), (0.0, 12, 0), (2.0, 0, 10)],
+    ids=["a small batch gets the minimum", "a larger share wins", "no more than was learned", "ratio 0: none", "ratio alone"],
+)
+def test_a_small_batch_is_replayed_against_at_least_min_replay_rows(store: FeedbackStore, ratio, minimum, replayed) -> None:
+    train = ids_in("train", 30, "t")
+    store.add_many([row(i, minute=n) for n, i in enumerate(train)])
+    store.record_consumption("tiny", V1, new_ids=train[:25], replay_ids=[])
+    data = DataSettings(replay_ratio=ratio, min_replay_rows=minimum)
+    plan = plan_dataset(store.collect("tiny", [V1]), data, seed=0, fetch_rows=lambda wanted: store.rows("tiny", wanted))
+    assert len(plan.new_ids) == 5 and len(plan.replay_ids) == replayed
 
 
 def test_a_plan_rebuilt_from_its_ids_has_the_same_hashes(store: FeedbackStore) -> None:
