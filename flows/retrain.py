@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,12 +32,13 @@ from incremental.manifest import draft_manifest
 from incremental.registry import Reservation
 from incremental.reporting import RunSummary, dataset_summary_rows
 from incremental.settings import Settings
+from incremental.waiting import tired_rows
 from tasks.dataset import build_dataset
 from tasks.evaluation import evaluate_candidate
 from tasks.feedback import advance_learned_record, collect_feedback, hold_rows, record_consumption
 from tasks.gate import gate_candidate
 from tasks.logs import library_logs_to_run_logger
-from tasks.registry import abandon_version, finalize_version, release_version, reserve_version, resolve_parent
+from tasks.registry import abandon_version, count_waits, finalize_version, release_version, reserve_version, resolve_parent
 from tasks.report import publish_dataset_summary, publish_report
 from tasks.screening import screen_new_rows
 from tasks.training import prepare_base, train_candidate
@@ -140,11 +142,29 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
         #    the version appear and promote it by compare-and-swap only if the parent is still current.
         call(record_consumption, settings, model, reservation.name, snapshot)
         held: tuple[str, ...] = ()
+        waiting: tuple[str, ...] = ()
         if decision.blames_batch:
             held = snapshot.new_ids + snapshot.arrived_with_batch_ids
             reason = f"batch of rejected {reservation.name}: {decision.reasons[0]}"
             call(hold_rows, settings, model, dict.fromkeys(held, reason), actor="gate", version=reservation.name)
             logger.warning("[INCREMENTAL] Held %d rows of the rejected batch until a person releases them", len(held))
+        elif decision.undecided:
+            # Not sure yet is not no: the rows come back as new next run, with what arrives meanwhile;
+            # only rows that more evidence did not settle (waited max_waits times already) go to a person.
+            waited = call(count_waits, settings, model, parent.name)
+            held = tired_rows(snapshot.new_ids, Counter(waited), config.gate.max_waits)
+            if held:
+                reason = (
+                    f"waited through {config.gate.max_waits + 1} undecided candidates of "
+                    f"{parent.name or 'the base model'} (last {reservation.name}: {decision.reasons[0]})"
+                )
+                call(hold_rows, settings, model, dict.fromkeys(held, reason), actor="gate", version=reservation.name)
+                logger.warning("[INCREMENTAL] Held %d rows that more evidence did not settle", len(held))
+            waiting = tuple(row_id for row_id in snapshot.new_ids if row_id not in set(held))
+            logger.info(
+                "[INCREMENTAL] Not sure yet: %d new rows wait for more evidence; the next run trains on them with what arrives",
+                len(waiting),
+            )
         scores = evaluated.aggregates() if isinstance(evaluated, EvalResult) else {"candidate": {}, "parent": {}}
         cost = (
             {"parent_scored": evaluated.parent_scored, "parent_cached": evaluated.parent_cached,
@@ -192,6 +212,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
         checks=tuple(check.as_record() for check in decision.checks),
         n_screened=len(screened),
         n_held=len(held),
+        n_waiting=len(waiting),
         evaluation=cost,
         wall_seconds=round(time.perf_counter() - started, 1),
         stage_seconds=dict(progress.seconds),

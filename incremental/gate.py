@@ -136,14 +136,19 @@ class Decision:
 
     @property
     def blames_batch(self) -> bool:
-        """The evidence (not a crash, not too few rows) kept the parent: a gated metric failed, or its
-        interval straddles the margin. The batch that trained the candidate is then held for a person,
-        so it does not come back as new every night; when the promotion happened anyway, nothing is held."""
+        """The evidence (not a crash, not too few rows) shows the candidate regressed: a gated metric
+        failed beyond its margin. The batch that trained the candidate is then held for a person, so it
+        does not come back as new every night; when the promotion happened anyway, nothing is held."""
         if self.promote:
             return False
-        return any(
-            c.gated and c.outcome in (Outcome.FAIL, Outcome.INCONCLUSIVE) and c.metric in _SPECS for c in self.checks
-        )
+        return any(c.gated and c.outcome is Outcome.FAIL and c.metric in _SPECS for c in self.checks)
+
+    @property
+    def undecided(self) -> bool:
+        """The parent stays because the evidence is not strong enough either way (an interval straddles
+        its margin, or too few trusted rows), not because a metric failed: "not sure yet" is not "no",
+        so the batch waits for more evidence instead of being held (see `RunConfig.gate.max_waits`)."""
+        return not self.promote and self.verdict is Verdict.INCONCLUSIVE and not self.blames_batch
 
     @property
     def reasons(self) -> tuple[str, ...]:

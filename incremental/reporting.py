@@ -39,7 +39,8 @@ class RunSummary(BaseModel):
     verdict: str | None = None  # the gate's: accept, reject or inconclusive
     checks: tuple[dict, ...] = ()  # the gate's per-metric, per-slice records
     n_screened: int = 0  # new rows held by screening before training
-    n_held: int = 0  # rows held because the gate blamed the batch
+    n_held: int = 0  # rows held because the gate blamed the batch (or they waited max_waits times already)
+    n_waiting: int = 0  # new rows of an undecided candidate: new again next run, not held
     evaluation: dict = {}
     wall_seconds: float = 0.0  # from resolving the parent to the decision (the slot wait excluded)
     stage_seconds: dict[str, float] = {}  # each stage's wall time as the flow saw it, by task name
@@ -65,7 +66,9 @@ class RunSummary(BaseModel):
             if self.verdict:
                 lines += [f"Gate verdict: **{self.verdict}**", "", verdict_table_markdown(self.checks), ""]
             if self.n_held:
-                lines += [f"The gate blamed this batch: {self.n_held} rows are held until a person releases or excludes them.", ""]
+                lines += [f"The gate held {self.n_held} rows of this batch until a person releases or excludes them.", ""]
+            if self.n_waiting:
+                lines += [f"Not sure yet: {self.n_waiting} new rows wait for more evidence; the next run trains on them with what arrives.", ""]
             if self.training.get("tokens_per_second"):
                 lines += [_training_line(self.training), ""]
             if self.stage_seconds:

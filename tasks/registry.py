@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from incremental.manifest import Manifest
 from incremental.registry import FinalizeResult, ParentVersion, Registry, Reservation
 from incremental.settings import Settings
+from incremental.waiting import times_waited
 from tasks.feedback import open_store
 
 
@@ -43,3 +44,9 @@ def abandon_version(settings: Settings, model: str, reservation: Reservation, re
         return False
     open_store(settings).forget_unfinished(model, reservation.name, reason=reason)
     return True
+
+
+@task(name="count-waits", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def count_waits(settings: Settings, model: str, parent: str | None) -> dict[str, int]:
+    """How many undecided candidates of `parent` already trained each row (read-only, from the manifests)."""
+    return dict(times_waited(Registry(settings.models_root, model).versions(check_files=False), parent))

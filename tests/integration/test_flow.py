@@ -121,6 +121,41 @@ def test_feedback_committed_during_a_run_is_learned_by_the_next(prefect_api, env
     assert late_train and set(late_train) <= set(learned.new_ids)
 
 
+def test_an_undecided_batch_waits_for_more_evidence_and_only_rows_it_did_not_settle_go_to_a_person(prefect_api, env, store):
+    registry = Registry(env.models_root, "tiny")
+    store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(60, 31, model="tiny"))])
+    first = retrain(config=FAST)
+    assert first.status == "accepted", first.reasons
+
+    # Too few trusted rows to decide (deterministically undecided): the parent stays, nothing is held.
+    undecided = FAST.model_copy(update={"gate": FAST.gate.model_copy(update={"min_eval_examples": 10_000, "max_waits": 1})})
+    store.add_many([{**row, "id": f"night1-{i}"} for i, row in enumerate(synthetic_feedback(30, 32, model="tiny"))])
+    night1 = retrain(config=undecided)
+    v2 = registry.get(night1.version).manifest
+    assert night1.status == "rejected" and night1.verdict == "inconclusive" and night1.n_held == 0
+    assert night1.n_waiting == len(v2.data.new_ids) > 0 and store.held_by("tiny", night1.version) == ()
+    assert "wait for more evidence" in night1.to_markdown()
+
+    # The next night trains on them again, with what arrived; rows that had waited max_waits times
+    # already go to a person, the newer ones wait.
+    store.add_many([{**row, "id": f"night2-{i}"} for i, row in enumerate(synthetic_feedback(20, 33, model="tiny"))])
+    night2 = retrain(config=undecided)
+    v3 = registry.get(night2.version).manifest
+    assert set(v2.data.new_ids) < set(v3.data.new_ids)
+    held = set(store.held_by("tiny", night2.version))
+    assert held == set(v2.data.new_ids) and set(v3.gate.held_ids) == held and night2.n_held == len(held)
+    assert night2.n_waiting == len(v3.data.new_ids) - len(held) > 0
+    assert all("waited through 2 undecided candidates" in m.reason for m in store.marks("tiny", sorted(held)))
+
+    # With evidence that settles it (here: a margin this small model clears), the waiting rows are
+    # learned: no person was needed for them.
+    settles = FAST.model_copy(update={"gate": FAST.gate.model_copy(update={"target_nll": MetricRule(margin=1.0)})})
+    accepted = retrain(config=settles)
+    assert accepted.status == "accepted", accepted.reasons
+    learned = set(registry.get(accepted.version).manifest.data.new_ids)
+    assert set(v3.data.new_ids) - held <= learned and not held & learned
+
+
 def test_a_batch_the_gate_blames_is_held_until_released(prefect_api, env, store):
     registry = Registry(env.models_root, "tiny")
     store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(60, 21, model="tiny"))])

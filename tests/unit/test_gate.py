@@ -121,14 +121,19 @@ def test_count_mismatch_between_candidate_and_parent_is_not_comparable():
     assert "not comparable" in decision.reasons[0]
 
 
-def test_the_evidence_blames_the_batch_a_crash_or_too_few_rows_do_not():
+def test_only_a_failed_rule_blames_the_batch_not_sure_yet_is_not_no():
     poison = decide(evidence(**healthy(target_nll__regression=paired(1.5, 0.1))), POLICY)
     noisy = evidence(**healthy(target_nll__regression=paired(1.5, 0.02, noise=0.3)))
     crashed = decide(GateEvidence("abc", False, {}, error="boom"), POLICY)
     too_few = decide(evidence(target_nll__regression=paired(1.5, 0.5, n=3), prompt_gain__regression=paired(0.3, 0, n=3)), POLICY)
     promoted_anyway = decide(noisy, POLICY.model_copy(update={"on_inconclusive": "promote"}))
-    assert poison.blames_batch and decide(noisy, POLICY).blames_batch
-    assert not crashed.blames_batch and not too_few.blames_batch and not promoted_anyway.blames_batch
+    assert poison.verdict is Verdict.REJECT and poison.blames_batch and not poison.undecided
+    # An interval that straddles the margin keeps the parent, but its batch waits for more evidence.
+    assert decide(noisy, POLICY).verdict is Verdict.INCONCLUSIVE
+    assert not decide(noisy, POLICY).blames_batch and decide(noisy, POLICY).undecided
+    assert too_few.undecided and not too_few.blames_batch
+    assert not crashed.blames_batch and not crashed.undecided  # a crash is no evidence about the rows either way
+    assert not promoted_anyway.blames_batch and not promoted_anyway.undecided
 
 
 def test_every_verdict_records_interval_n_and_margin():
