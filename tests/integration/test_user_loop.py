@@ -17,12 +17,15 @@ from cli.main import app
 from incremental.feedback import FeedbackStore
 from incremental.history_report import gather_history, render_html
 from incremental.registry import Registry
-from incremental.synthetic import synthetic_feedback
+from incremental.config import ScreeningPolicy
+from incremental.synthetic import corrected_feedback, generate_cases, synthetic_feedback
 
 pytestmark = pytest.mark.integration
 
 # QUICK_RUN's wide margins: a tiny model's second version must be promoted here.
 LOOSE = QUICK_RUN
+# The same, screened as a nightly run is by default: what users teach must get through it.
+SCREENED = LOOSE.model_copy(update={"gate": LOOSE.gate.model_copy(update={"screening": ScreeningPolicy()})})
 
 
 def test_generate_rate_retrain_follow_report(prefect_api, env, env_store: FeedbackStore):
@@ -73,3 +76,37 @@ def test_generate_rate_retrain_follow_report(prefect_api, env, env_store: Feedba
     assert shown[v2].by_generating_version == manifest.data.new_by_generating_version
     page = render_html(report)
     assert f"{from_v1} by v1" in page and f"{len(new_ids) - from_v1} unrecorded" in page
+
+
+def test_the_users_loop_learns_their_corrections_without_a_release(prefect_api, env, env_store: FeedbackStore):
+    """The README's loop as a new user runs it: generate about 20 artifacts, rate them (corrections as a
+    careful user writes them, some in their own style, and a few good ones), run: the next version is
+    accepted and trained on every rated train row, and nobody had to `feedback release` anything."""
+    from flows.retrain import retrain
+    from incremental.serving import Generator
+
+    env_store.add_many(synthetic_feedback(60, 41, model="tiny"))
+    first = retrain(model="tiny", config=SCREENED)
+    assert first.status == "accepted", first.reasons
+
+    server = Generator("tiny", env, follow=True)
+    cases = generate_cases(20, 42)
+    made = [server.generate(case.artifact_type, case.notes, max_new_tokens=48) for case in cases]
+    exact = corrected_feedback(cases[:12], [g.output for g in made[:12]], model="tiny")
+    restyled = corrected_feedback(cases[12:], [g.output for g in made[12:]], model="tiny", restyle_seed=5)
+    rated = [
+        server.rate(g.id, row["rating"], correction=row["correction"], rater="ana" if i % 2 else "ben")
+        for i, (g, row) in enumerate(zip(made, exact + restyled))
+    ]
+    good = [{**row, "id": f"good-{i}", "rater": "ana"} for i, row in enumerate(synthetic_feedback(6, 43, model="tiny", good_share=1.0, corrected_share=0.0))]
+    env_store.add_many(good)
+
+    second = retrain(model="tiny", config=SCREENED)
+    assert second.status == "accepted", second.reasons
+    assert second.n_screened == 0 and second.n_held == 0
+    manifest = Registry(env.models_root, "tiny").get(second.version).manifest
+    taught = set(rated) | {row["id"] for row in good}
+    train_rows = taught - set(manifest.data.eval_ids) - set(manifest.data.arrived_with_batch_ids)
+    assert len(train_rows) >= 15, "too few rated rows in the train split for this test"
+    assert train_rows <= set(manifest.data.new_ids)
+    assert [m for m in env_store.marks("tiny") if m.action in ("hold", "release")] == []
