@@ -26,6 +26,7 @@ from incremental.gate import METRICS
 from incremental.layout import version_number
 from incremental.registry import Registry
 from incremental.reporting import VersionRow, verdict_table_rows, version_table
+from incremental.waiting import waiting_rows
 
 __all__ = [
     "CHART_DPI",
@@ -141,6 +142,8 @@ class HistoryReport:
     moves: tuple[PointerMove, ...]  # oldest first
     feedback: FeedbackSummary | None  # None when there is no feedback database yet
     problems: tuple[str, ...] = ()  # why the pointer or the lineage could not be read (the rest is still shown)
+    waiting: int = 0  # rows undecided candidates of the current version trained: new again, not held
+    waiting_since: datetime | None = None
 
     def rollbacks(self) -> tuple[PointerMove, ...]:
         return tuple(move for move in self.moves if move.action == "rollback")
@@ -207,9 +210,11 @@ def gather_history(registry: Registry, store: FeedbackStore | None, *, now: date
         )
         for entry in registry.history()
     )  # fmt: skip
+    waiting = waiting_rows(infos.values(), current)
     return HistoryReport(
         model=registry.model, generated_at=now or datetime.now(timezone.utc), current=current, lineage=lineage,
         versions=tuple(entries), moves=moves, feedback=feedback, problems=tuple(problems),
+        waiting=len(waiting.ids), waiting_since=waiting.since,
     )  # fmt: skip
 
 
@@ -592,6 +597,7 @@ def render_html(report: HistoryReport, chart_png: bytes | None = None) -> str:
             f"{n_rejected} rejected; {_plural(len(report.rollbacks()), 'rollback')}. Generated "
             f"{e(report.generated_at.strftime('%Y-%m-%d %H:%M:%S %Z'))}.</p>"
         ),
+        *([f'<p class="meta" id="waiting">{e(_waiting_line(report))}</p>'] if report.waiting else []),
         *(f'<p class="damaged">⚠ {e(problem)}</p>' for problem in report.problems),
         '<section id="lineage"><h2>Lineage</h2>',
         _tree_html(report),
@@ -776,6 +782,14 @@ def _feedback_html(feedback: FeedbackSummary | None) -> str:
     return "".join(parts)
 
 
+def _waiting_line(report: HistoryReport) -> str:
+    since = report.waiting_since.strftime("%Y-%m-%d %H:%M") if report.waiting_since else "?"
+    return (
+        f"Not sure yet: {_plural(report.waiting, 'row')} wait for more evidence since {since} (the gate could not decide "
+        "on them; the next run trains on them with what arrives)."
+    )
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -803,6 +817,8 @@ def history_markdown(report: HistoryReport, files: ReportFiles | None = None, ch
     tree = lineage_tree_lines(report)
     older = len(tree) - MARKDOWN_TREE_ROWS
     lines = [f"# History of `{report.model}`", ""]
+    if report.waiting:
+        lines += [_waiting_line(report), ""]
     if older > 0:
         tree = [f"… {older} older rows: see the page", *tree[-MARKDOWN_TREE_ROWS:]]
     lines += ["```", *tree, "```", ""]

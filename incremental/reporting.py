@@ -55,7 +55,8 @@ class RunSummary(BaseModel):
         if self.status == "skipped":
             return f"Skipped: {self.reasons[0] if self.reasons else 'nothing to do'}"
         verdict = "accepted and promoted to current" if self.status == "accepted" else "rejected; current unchanged"
-        return f"{self.version} (builds on {builds_on}) {verdict}"
+        waiting = f"; not sure yet: {self.n_waiting} rows wait for more evidence" if self.n_waiting else ""
+        return f"{self.version} (builds on {builds_on}) {verdict}{waiting}"
 
     def to_markdown(self) -> str:
         lines = [f"# Retrain `{self.model}`: {self.status}", "", self.headline(), ""]

@@ -134,7 +134,12 @@ def test_an_undecided_batch_waits_for_more_evidence_and_only_rows_it_did_not_set
     v2 = registry.get(night1.version).manifest
     assert night1.status == "rejected" and night1.verdict == "inconclusive" and night1.n_held == 0
     assert night1.n_waiting == len(v2.data.new_ids) > 0 and store.held_by("tiny", night1.version) == ()
-    assert "wait for more evidence" in night1.to_markdown()
+    assert "wait for more evidence" in night1.to_markdown() and "rows wait for more evidence" in night1.headline()
+    from incremental.history_report import gather_history, history_markdown
+
+    report = gather_history(registry, store)
+    assert report.waiting == len(v2.data.new_ids) and report.waiting_since == v2.finalized_at
+    assert f"Not sure yet: {report.waiting} rows wait for more evidence" in history_markdown(report)
 
     # The next night trains on them again, with what arrived; rows that had waited max_waits times
     # already go to a person, the newer ones wait.

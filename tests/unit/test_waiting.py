@@ -41,3 +41,18 @@ def test_rows_that_waited_max_waits_times_already_are_tired():
     assert tired_rows(("c", "d", "e", "h"), waited, 2) == ("c",)
     assert tired_rows(("c", "d", "e", "h"), waited, 1) == ("c", "d", "e")
     assert tired_rows(("c", "h"), waited, 0) == ("c", "h")  # max_waits 0: an undecided batch goes to a person at once
+
+
+def test_waiting_rows_are_those_no_later_hold_took_with_the_first_undecided_time():
+    from datetime import UTC, datetime
+
+    from incremental.waiting import waiting_rows
+
+    def at(version: VersionInfo, hour: int) -> VersionInfo:
+        version.manifest.finalized_at = datetime(2026, 12, 1, hour, tzinfo=UTC)
+        return version
+
+    versions = [at(v, i) for i, v in enumerate(VERSIONS)]
+    waiting = waiting_rows(versions, "v1")
+    assert waiting.ids == {"c", "e"} and waiting.since == datetime(2026, 12, 1, 1, tzinfo=UTC)  # d: held by v3; f: a rejected batch, held
+    assert waiting_rows(versions, "v9").ids == frozenset() and waiting_rows(versions, "v9").since is None
