@@ -103,10 +103,12 @@ def test_run_prints_the_headline_and_final_state_without_prefect_bookkeeping(fir
     version = Registry(folder / "finetuned_models", "tiny").versions()[0]
     accepted = version.manifest.status == "accepted"
     verdict = "accepted and promoted to current" if accepted else "rejected; current unchanged"
-    assert done.stdout.splitlines()[-2:] == [
-        f"{version.name} (builds on base model) {verdict}",
-        f"Final state: {'Completed' if accepted else 'Rejected'}",
-    ], everything[-4000:]
+    headline, final = done.stdout.splitlines()[-2:]
+    # An undecided verdict adds how many rows wait for more evidence (RunSummary.headline).
+    undecided = not accepted and version.manifest.gate.verdict == "inconclusive"
+    waiting = f"; not sure yet: {len(version.manifest.data.new_ids)} rows wait for more evidence" if undecided else ""
+    assert headline == f"{version.name} (builds on base model) {verdict}{waiting}", everything[-4000:]
+    assert final == f"Final state: {'Completed' if accepted else 'Rejected'}", everything[-4000:]
     assert f"[INCREMENTAL] Training {version.name} (builds on base model)" in done.stderr
     for line in PREFECT_BOOKKEEPING:
         assert line not in everything, everything[-4000:]
