@@ -103,7 +103,7 @@ def test_generations_are_recorded_with_their_version_and_a_rating_links_to_them(
     assert feedback_id == generation.id
     assert feedback_row(env.db_path, feedback_id) == {
         "prompt": NOTES, "output": generation.output, "rating": "needs_improvement", "correction": "erDiagram\n  BOOK {\n  }",
-        "generated_by": v2, "source": "rate", "artifact_type": "erd",
+        "generated_by": v2, "source": "rate", "artifact_type": "erd", "rater": None,
     }  # fmt: skip
     with pytest.raises(AlreadyRatedError, match=generation.id):
         generator.rate(generation.id, "good")
