@@ -19,7 +19,7 @@ from incremental.dataset import IGNORE_INDEX, encode_examples
 from incremental.prompting import build_prompt
 
 __all__ = [
-    "NllScores", "Triple", "generate_greedy", "partner_notes", "partner_pool", "score_nll", "score_triples", "scorer_id",
+    "NllScores", "Triple", "generate_greedy", "partner_notes", "partner_pool", "prompt_ids", "score_nll", "score_triples", "scorer_id",
     "triple_hash",
 ]  # fmt: skip
 
@@ -114,35 +114,59 @@ def score_triples(
     return result
 
 
-def generate_greedy(model, tokenizer, prompts: Sequence[tuple[str, str]], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy completions of (task, notes) prompts, decoded without special tokens, in input order."""
+def prompt_ids(tokenizer, task: str, notes: str) -> list[int]:
+    """Token ids of a generation prompt: BOS, then the prompt layout training uses.
+
+    Notes may contain "<s>" or "</s>" (HTML strikethrough): they are text, never the special tokens.
+    """
+    ids = tokenizer(build_prompt(task, notes), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+def generate_greedy(
+    model, tokenizer, prompts: Sequence[tuple[str, str]], *, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy completions of (task, notes) prompts, decoded without special tokens, in input order.
+
+    The one decoder: serving (one request at a time), the gate's generation metrics and the quality
+    reports all generate through it, so what the gate judges is what users are served. Prompts are
+    batched by length and padded on the left, so every row continues from its own last token; the
+    attention mask keeps padding out of attention and positions (tests/integration/test_serving.py
+    checks that a batched generation equals the one served).
+    """
     if not prompts:
         return []
     device = next(model.parameters()).device
-    texts = [build_prompt(task, notes) for task, notes in prompts]
-    previous_side, previous_cache = tokenizer.padding_side, model.config.use_cache
-    tokenizer.padding_side = "left"  # generation continues from the last real token of each row
-    model.config.use_cache = True
-    outputs: list[str] = []
+    encoded = [prompt_ids(tokenizer, task, notes) for task, notes in prompts]
+    # Similar lengths share a batch: less padding, and the order of requests does not change a text.
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                # Notes are text: a "<s>" in them is characters, not the control token (the BOS is still added).
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, split_special_tokens=True)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(rows), width), dtype=torch.long)
+                for row, index in enumerate(rows):
+                    ids = encoded[index]
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                    attention[row, width - len(ids) :] = 1
                 generated = model.generate(
-                    input_ids=batch.input_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,  # load_base turns the cache off for training; decoding wants it
+                    pad_token_id=pad_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-                new_tokens = generated[:, batch.input_ids.shape[1] :]
-                outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+                for index, text in zip(rows, texts):
+                    outputs[index] = text
     finally:
-        tokenizer.padding_side = previous_side
-        model.config.use_cache = previous_cache
         model.train(was_training)
-    return outputs
+    return [text for text in outputs if text is not None]

@@ -38,8 +38,9 @@ from incremental.modeling import (
     locate_base,
     resolve_base,
 )
-from incremental.prompting import ARTIFACT_TYPES, build_prompt
+from incremental.prompting import ARTIFACT_TYPES
 from incremental.registry import Registry
+from incremental.scoring import generate_greedy, prompt_ids
 from incremental.settings import Settings
 from incremental.threads import apply_threads
 
@@ -363,29 +364,15 @@ def _remove_tuner_layers(model: torch.nn.Module) -> None:
 
 
 def _decode(network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes: str, max_new_tokens: int) -> str:
-    # Notes may contain "<s>" or "</s>" (HTML strikethrough): text, never the special tokens.
-    prompt_ids = tokenizer(build_prompt(artifact_type, notes), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    """One request through the one decoder (`scoring.generate_greedy`), after checking it fits the context."""
+    n_prompt = len(prompt_ids(tokenizer, artifact_type, notes))
     context = getattr(network.config, "max_position_embeddings", None)
-    if context is not None and len(prompt_ids) + max_new_tokens > context:
+    if context is not None and n_prompt + max_new_tokens > context:
         raise GenerationRequestError(
-            f"notes: {len(prompt_ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context of "
+            f"notes: {n_prompt} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context of "
             f"{context} tokens; shorten the notes or lower max_new_tokens"
         )
-    device = next(network.parameters()).device
-    inputs = torch.tensor([prompt_ids], device=device)
-    with torch.inference_mode():
-        output = network.generate(
-            input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,  # load_base turns the cache off for training; decoding wants it
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+    return generate_greedy(network, tokenizer, [(artifact_type, notes)], max_new_tokens=max_new_tokens)[0]
 
 
 def _pointer_stamp(path: Path) -> tuple[int, int, int, int] | None:

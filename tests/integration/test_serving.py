@@ -24,8 +24,9 @@ from conftest import finalize_version
 from incremental import layout, serving
 from incremental.feedback import AlreadyRatedError
 from incremental.http_api import make_server
-from incremental.modeling import Hardware, load_base
+from incremental.modeling import Hardware, ResolvedBase, load_base, load_scoring_model
 from incremental.registry import Registry
+from incremental.scoring import generate_greedy
 from incremental.serving import BASE, GenerationRequestError, Generator
 
 pytestmark = pytest.mark.integration
@@ -174,6 +175,32 @@ def test_a_promotion_during_a_stream_of_requests_switches_exactly_once_and_no_re
     assert generator.last_error is None and set(generator._network.peft_config) == {v2}  # the old adapter unloaded
     recorded = env_store.recent_generations("tiny", limit=100)
     assert sorted((g.version, g.output) for g in recorded) == sorted(everything)
+
+
+def test_the_gate_judges_what_users_are_served(env, env_store, small_base):
+    """One decoder: the evaluation stage's batched greedy generations (left-padded batches of notes of
+    several lengths, two adapters loaded side by side) equal what the server returns one request at a
+    time for the same version and notes."""
+    registry = Registry(env.models_root, "tiny")
+    v1 = make_version(registry, small_base, seed=1)
+    notes = [
+        NOTES,
+        "A ship has a name.",
+        "Teams enter races. A race has a date, a course and a start time; a team has a name, a skipper and a boat.",
+        "Vines grow in plots; a plot has a soil and a slope.",
+        "Members borrow books.",
+    ]
+    prompts = [(artifact_type, text) for text in notes for artifact_type in ("erd", "api", "prototype")]
+    served = [Generator("tiny", env, version=v1, follow=False).generate(t, n, max_new_tokens=24).output for t, n in prompts]
+
+    version_dir = registry.get(v1).path
+    scoring_model, tokenizer = load_scoring_model(
+        ResolvedBase(registry.get(v1).manifest.base_model, str(small_base)), CPU, {"candidate": version_dir, "parent": version_dir}
+    )
+    scoring_model.set_adapter("candidate")
+    batched = generate_greedy(scoring_model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
+    assert batched == served
+    assert len(set(served)) > 1  # the notes lead somewhere different: the comparison is not of empty strings
 
 
 def test_a_request_in_flight_finishes_on_the_version_it_started_with(serving_v1, env, env_store, small_base, monkeypatch):
