@@ -79,7 +79,13 @@ def calibrate(
         eval_table, first_version=False, snapshot_hash=f"calibrate:{version}", generation_rows=2 * sample_size,
         partners_per_row=policy.prompt_gain_partners,
     )  # fmt: skip
-    sample_a, sample_b = plan.generation_ids[:sample_size], plan.generation_ids[sample_size:]
+    # Two disjoint samples of the same size per artifact type: the first `generation_rows` of each type, then the next.
+    type_of = dict(zip(plan.rows.column("id").to_pylist(), plan.rows.column("artifact_type").to_pylist()))
+    seen: dict[str, int] = {}
+    sample_a, sample_b = [], []
+    for row_id in plan.generation_ids:
+        seen[type_of[row_id]] = seen.get(type_of[row_id], 0) + 1
+        (sample_a if seen[type_of[row_id]] <= sample_size else sample_b).append(row_id)
     scores, _ = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
     table = per_example_table(plan, scores, scores)
     judged = judged_slices(False)[0]

@@ -234,12 +234,15 @@ class GatePolicy(BaseModel):
         description="On needs-improvement rows without a correction: per-token NLL of the rejected output, which "
         "should not become more likely (higher is better).",
     )
+    # Gated, per type: what users receive. Binary validity and name F1 on a few rows are noisy (a
+    # noise floor of 0.17 at 12 rows), so each is judged only where a slice (or type) has
+    # `min_generation_rows` generated rows; below that it is reported with how many more it needs.
     artifact_validity: MetricRule = Field(
-        MetricRule(margin=0.1, gated=False),
+        MetricRule(margin=0.1),
         description="Share of greedy generations that parse as their artifact type (higher is better).",
     )
     content_f1: MetricRule = Field(
-        MetricRule(margin=0.1, gated=False),
+        MetricRule(margin=0.1),
         description="F1 of the entity and field names in a greedy generation against the reference (higher is better).",
     )
     confidence: float = Field(0.9, gt=0.5, lt=1.0, description="Two-sided level of the paired bootstrap interval.")
@@ -267,8 +270,20 @@ class GatePolicy(BaseModel):
     prompt_gain_partners: int = Field(
         4, ge=1, le=16, description="Other rows' notes each target is scored under for its prompt gain (averaged)."
     )
+    min_rows_per_type: int = Field(
+        8, ge=1,
+        description="A guardrail is judged per artifact type only where a judged slice has this many rows of the type; "
+        "fewer, and the type's check is reported with how many more rows it needs, while the pooled check decides.",
+    )
     generation_rows: int = Field(
-        12, ge=0, le=1000, description="Judged eval rows generated greedily per model for validity and content F1; 0 skips generation."
+        64, ge=0, le=1000,
+        description="Judged eval rows generated greedily per model and artifact type for validity and content F1 (the "
+        "oldest, so the parent's generations stay cached); 0 skips generation.",
+    )
+    min_generation_rows: int = Field(
+        24, ge=1,
+        description="Generated rows a slice (or an artifact type within it) needs before validity and content F1 are "
+        "judged there; fewer are reported with how many more they need.",
     )
     max_new_tokens: int = Field(256, ge=8, le=8192, description="Greedy generation length limit.")
     screening: ScreeningPolicy = ScreeningPolicy()

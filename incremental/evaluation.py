@@ -10,6 +10,7 @@ where possible. Knows nothing about thresholds (the gate) or the database (the c
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -39,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger("incremental")
 
-SCORE_COLUMNS = ("id", "slice", "metric", "candidate", "parent", "weight")
+SCORE_COLUMNS = ("id", "artifact_type", "slice", "metric", "candidate", "parent", "weight")
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def plan_evaluation(
     for row in targets:
         row["partner_notes"] = partner_notes(pool, row["prompt"], partners_per_row)
     judged = judged_slices(first_version)
-    sample = [r["id"] for r in targets if r["slice"] in judged][:generation_rows]
+    sample = generation_sample(targets, judged, generation_rows)
     table = pa.table(
         {
             "id": [r["id"] for r in rows],
@@ -137,6 +138,18 @@ def plan_evaluation(
         ),
     )
     return EvalPlan(rows=table, generation_ids=tuple(sample), first_version=first_version, snapshot_hash=snapshot_hash)
+
+
+def generation_sample(targets: Sequence[dict], judged: Sequence[str], per_type: int) -> list[str]:
+    """Ids of the judged target rows generated for validity and content F1: the oldest `per_type` of each
+    artifact type (so every type can be judged on its own, and the parent's generations stay cached)."""
+    taken: dict[str, int] = {}
+    sample = []
+    for row in targets:
+        if row["slice"] in judged and taken.get(row["artifact_type"], 0) < per_type:
+            taken[row["artifact_type"]] = taken.get(row["artifact_type"], 0) + 1
+            sample.append(row["id"])
+    return sample
 
 
 def plan_for(snapshot: DatasetSnapshot, policy: GatePolicy, *, first_version: bool) -> EvalPlan:
@@ -270,8 +283,8 @@ def per_example_table(plan: EvalPlan, candidate: ModelScores, parent: ModelScore
     """One row per (example, metric): the values the gate's bootstrap resamples, for both models."""
     columns: dict[str, list] = {name: [] for name in SCORE_COLUMNS}
 
-    def add(row_id: str, slice_: str, metric: str, cand: float, par: float, weight: float) -> None:
-        for name, value in zip(SCORE_COLUMNS, (row_id, slice_, metric, cand, par, weight)):
+    def add(row_id: str, task: str, slice_: str, metric: str, cand: float, par: float, weight: float) -> None:
+        for name, value in zip(SCORE_COLUMNS, (row_id, task, slice_, metric, cand, par, weight)):
             columns[name].append(value)
 
     def per_token(scores: ModelScores, task: str, notes: str, target: str) -> tuple[float, int]:
@@ -281,28 +294,29 @@ def per_example_table(plan: EvalPlan, candidate: ModelScores, parent: ModelScore
     sample = set(plan.generation_ids)
     for row in plan.rows.to_pylist():
         task, notes, target, slice_ = row["artifact_type"], row["prompt"], row["target"], row["slice"]
+        emit = functools.partial(add, row["id"], task, slice_)
         if row["kind"] == "rejected":
             (c_out, n_out), (p_out, _) = per_token(candidate, task, notes, target), per_token(parent, task, notes, target)
-            add(row["id"], slice_, "rejected_nll", c_out, p_out, n_out)
+            emit("rejected_nll", c_out, p_out, n_out)
             continue
         (c_own, n_own), (p_own, _) = per_token(candidate, task, notes, target), per_token(parent, task, notes, target)
-        add(row["id"], slice_, "target_nll", c_own, p_own, n_own)
+        emit("target_nll", c_own, p_own, n_own)
         if row["partner_notes"]:
             c_other = np.mean([per_token(candidate, task, partner, target)[0] for partner in row["partner_notes"]])
             p_other = np.mean([per_token(parent, task, partner, target)[0] for partner in row["partner_notes"]])
-            add(row["id"], slice_, "prompt_gain", float(c_other - c_own), float(p_other - p_own), n_own)
+            emit("prompt_gain", float(c_other - c_own), float(p_other - p_own), n_own)
         if row["rejected_output"] is not None:
             c_rej, _ = per_token(candidate, task, notes, row["rejected_output"])
             p_rej, _ = per_token(parent, task, notes, row["rejected_output"])
-            add(row["id"], slice_, "preference_margin", c_rej - c_own, p_rej - p_own, n_own)
+            emit("preference_margin", c_rej - c_own, p_rej - p_own, n_own)
         if row["id"] in sample:
             key = triple_hash(task, notes, "")
             reference = check_artifact(task, target).names
             checks = [check_artifact(task, scores.generations[key]) for scores in (candidate, parent)]
-            add(row["id"], slice_, "artifact_validity", float(checks[0].valid), float(checks[1].valid), 1.0)
-            add(row["id"], slice_, "content_f1", content_f1(checks[0].names, reference), content_f1(checks[1].names, reference), 1.0)
+            emit("artifact_validity", float(checks[0].valid), float(checks[1].valid), 1.0)
+            emit("content_f1", content_f1(checks[0].names, reference), content_f1(checks[1].names, reference), 1.0)
     schema = pa.schema(
-        [("id", pa.string()), ("slice", pa.string()), ("metric", pa.string()),
+        [("id", pa.string()), ("artifact_type", pa.string()), ("slice", pa.string()), ("metric", pa.string()),
          ("candidate", pa.float64()), ("parent", pa.float64()), ("weight", pa.float64())]
     )  # fmt: skip
     return pa.table(columns, schema=schema)
@@ -317,6 +331,8 @@ def evidence_from_table(table: pa.Table, snapshot_hash: str, first_version: bool
             candidate=group.column("candidate").to_numpy(zero_copy_only=False),
             parent=group.column("parent").to_numpy(zero_copy_only=False),
             weights=group.column("weight").to_numpy(zero_copy_only=False),
+            # Tables written before per-type guardrails have no artifact_type: judged pooled only.
+            types=tuple(group.column("artifact_type").to_pylist()) if "artifact_type" in group.column_names else None,
         )
     return GateEvidence(snapshot_hash=snapshot_hash, first_version=first_version, scores=scores)
 

@@ -51,7 +51,7 @@ __all__ = [
 HTML_FILE = "history.html"
 PNG_FILE = "history.png"
 # The chart's size is fixed whatever the history holds, so a page, an artifact and a test can rely on it.
-CHART_SIZE_PX = (1200, 900)
+CHART_SIZE_PX = (1200, 1150)
 CHART_DPI = 100
 MAX_IDS_SHOWN = 10  # ids listed per group of held or excluded rows; the count is always the whole group
 # Beyond this many versions the chart names only the current version and the ends of rollbacks, and
@@ -399,7 +399,8 @@ def render_chart(report: HistoryReport) -> bytes:
 def chart_figure(report: HistoryReport):
     """The chart as a matplotlib Figure on an Agg canvas (no pyplot, no global state): the lineage tree
     with rollbacks (axes labelled `lineage`), each gated metric's change against the parent with the
-    gate's interval and margin (`gate:<metric>`), and the rows per version (`data`)."""
+    gate's interval and margin (`gate:<metric>`), the rows per version (`data`), and what users receive:
+    each version's artifact validity and content F1 per type on the rows it was judged on (`quality:<metric>`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -415,7 +416,7 @@ def chart_figure(report: HistoryReport):
     width, height = CHART_SIZE_PX
     figure = Figure(figsize=(width / CHART_DPI, height / CHART_DPI), dpi=CHART_DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(3, 1, height_ratios=(1.15, 1, 1))
+    grid = figure.add_gridspec(4, 1, height_ratios=(1.15, 1, 1, 1))
     numbers = [entry.number for entry in report.versions]
     x_max = max(numbers, default=1)
 
@@ -536,12 +537,49 @@ def chart_figure(report: HistoryReport):
         counts = report.feedback.counts
         title += f"; feedback now: {counts.held} held, {counts.excluded} excluded of {counts.total}"
     volume.set_title(title, fontsize=9, loc="left")
+
+    # What users receive: each version's generation quality per artifact type, as its gate measured it.
+    cells = grid[3].subgridspec(1, 2)
+    for column, metric in enumerate(("artifact_validity", "content_f1")):
+        axes = figure.add_subplot(cells[column])
+        axes.set_label(f"quality:{metric}")
+        series = quality_series(report, metric)
+        for group, points in series.items():
+            xs_, ys_ = zip(*points)
+            axes.plot(xs_, ys_, marker="o", markersize=4, linewidth=1.2, label=group, color=_TYPE_COLOURS.get(group, "#616161"),
+                      linestyle="-" if group != "all types" else "--")  # fmt: skip
+        if not series:
+            axes.text(0.5, 0.5, "no generation scores yet", ha="center", va="center", transform=axes.transAxes)
+        version_axis(axes, 0.4)
+        axes.set_ylim(-0.05, 1.05)
+        label = "valid artifacts (share)" if metric == "artifact_validity" else "content F1"
+        axes.set_title(f"What users receive: {label} per type, each version on its judged rows", fontsize=9, loc="left")
+        if series:
+            axes.legend(fontsize=7, ncols=4, loc="lower right")
     return figure
 
 
+_TYPE_COLOURS = {"erd": "#1565c0", "api": "#6a1b9a", "prototype": "#ef6c00", "all types": "#424242"}
+
+
+def quality_series(report: HistoryReport, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """{artifact type (or 'all types'): [(version number, the version's value)]} of a generation metric,
+    read from each version's gate checks on its judged slice (the candidate's side)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in report.versions:
+        for check in entry.checks:
+            if check.get("metric") != metric or check.get("slice") not in ("regression", "all") or check.get("candidate") is None:
+                continue
+            series.setdefault(check.get("group") or "all types", []).append((entry.number, float(check["candidate"])))
+    return series
+
+
 def _charted(check: dict, metric: str) -> bool:
-    """Gated checks of `metric` with an interval: the ones the gate decided on."""
-    return check.get("metric") == metric and check.get("gated") and check.get("low") is not None and check.get("delta") is not None
+    """Pooled gated checks of `metric` with an interval: the ones the gate decided on (per-type ones are in the quality chart)."""
+    return (
+        check.get("metric") == metric and check.get("gated") and check.get("group") is None
+        and check.get("low") is not None and check.get("delta") is not None
+    )  # fmt: skip
 
 
 # ---- the page ------------------------------------------------------------------------------------

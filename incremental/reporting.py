@@ -226,9 +226,12 @@ def verdict_table_rows(checks) -> list[dict[str, str]]:
         record = check if isinstance(check, dict) else check.as_record()
         interval = "—" if record["low"] is None else f"[{record['low']:+.4f}, {record['high']:+.4f}]"
         verdict = record["outcome"] if record["gated"] else f"{record['outcome']} (not gated)" if record["outcome"] != "reported" else "reported"
+        if record.get("more_rows"):  # power: what it would take to decide (older manifests have no such key)
+            verdict += f" (+{record['more_rows']} rows to decide)"
+        where = record["slice"] if not record.get("group") else f"{record['slice']} · {record['group']}"
         rows.append(
             {
-                "metric": record["metric"], "slice": record["slice"], "n": str(record["n"]),
+                "metric": record["metric"], "slice": where, "n": str(record["n"]),
                 "parent": _fmt(record["parent"]), "candidate": _fmt(record["candidate"]), "delta": _signed(record["delta"]),
                 "interval": interval, "margin": _fmt(record["margin"]), "verdict": verdict,
             }

@@ -38,6 +38,7 @@ from incremental.history_report import (
     gather_history,
     history_markdown,
     lineage_tree_lines,
+    quality_series,
     render_html,
     write_report,
 )
@@ -86,6 +87,10 @@ def _evidence(seed: int, parent_first: bool, regression: int, new: int, shift: f
         parent_gain = rng.normal(0.30, 0.02, n)
         scores[("target_nll", slice_)] = PairedScores(ids, parent_nll + shift + rng.normal(0, 0.01, n), parent_nll, np.ones(n))
         scores[("prompt_gain", slice_)] = PairedScores(ids, parent_gain + rng.normal(0.005, 0.005, n), parent_gain, np.ones(n))
+        # Greedy generations' validity per artifact type, as the gate sees them.
+        types = tuple(("erd", "api", "prototype")[i % 3] for i in range(n))
+        valid = rng.random((2, n)) < 0.8
+        scores[("artifact_validity", slice_)] = PairedScores(ids, valid[0].astype(float), valid[1].astype(float), np.ones(n), types)
     return GateEvidence(snapshot_hash=f"{seed:064x}", first_version=parent_first, scores=scores)
 
 
@@ -249,7 +254,8 @@ def test_the_page_shows_the_manifests_and_the_stores_numbers(history: History):
             assert row["cells"]["n"] == str(record["n"])
             assert row["cells"]["candidate"] == fmt(record["candidate"]) and row["cells"]["parent"] == fmt(record["parent"])
             assert row["cells"]["delta"] == signed(record["delta"])
-            assert row["cells"]["interval"] == f"[{record['low']:+.4f}, {record['high']:+.4f}]"
+            interval = "—" if record["low"] is None else f"[{record['low']:+.4f}, {record['high']:+.4f}]"
+            assert row["cells"]["interval"] == interval
             assert row["cells"]["margin"] == fmt(record["margin"])
             assert row["cells"]["verdict"].startswith(record["outcome"])
 
@@ -313,6 +319,11 @@ def test_the_chart_is_a_png_of_its_size_with_the_manifests_rows(history: History
     assert bars["eval"] == [len(m.data.eval_ids) for m in manifests]
     assert bars["screened"] == [len(m.data.screened_ids) for m in manifests]
     assert bars["held by gate"] == [len(m.gate.held_ids) for m in manifests]
+    # What users receive: one line per artifact type (and all types), each point a version's value.
+    drawn = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in by_label["quality:artifact_validity"].lines}
+    expected = quality_series(report, "artifact_validity")
+    assert {"erd", "api", "prototype", "all types"} <= set(expected), expected
+    assert drawn == expected
 
 
 def test_the_page_is_self_contained(history: History, tmp_path):

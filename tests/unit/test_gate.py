@@ -8,7 +8,7 @@ from incremental.gate import GateEvidence, Outcome, PairedScores, Verdict, decid
 
 POLICY = GatePolicy(min_eval_examples=8, bootstrap_resamples=1000)
 RNG = np.random.default_rng(0)
-NOISE = RNG.normal(0.0, 1.0, size=40)
+NOISE = RNG.normal(0.0, 1.0, size=200)
 
 
 def paired(parent, delta, n=None, noise=0.0, weights=None) -> PairedScores:
@@ -165,3 +165,100 @@ def test_token_weights_count():
     scores = PairedScores(tuple(f"r{i}" for i in range(10)), parent + delta, parent, weights)
     check = decide(evidence(**healthy(target_nll__regression=scores)), POLICY).checks[0]
     assert check.delta == pytest.approx((500 - 0.09) / 1009)
+
+
+# ---- per-type guardrails ---------------------------------------------------------------------------
+
+
+def typed(per_type: dict[str, tuple[float, float, float]], n: int = 20) -> PairedScores:
+    """Paired scores over several artifact types: {type: (parent, delta, noise)}, n rows each."""
+    ids, cand, par, types = [], [], [], []
+    for name, (parent_value, delta, noise) in per_type.items():
+        values = np.full(n, parent_value)
+        ids += [f"{name}-{i}" for i in range(n)]
+        par += list(values)
+        cand += list(values + delta + noise * NOISE[:n])
+        types += [name] * n
+    return PairedScores(tuple(ids), np.array(cand), np.array(par), np.ones(len(ids)), tuple(types))
+
+
+def test_a_regression_on_one_type_fails_although_the_pool_improves():
+    """ERD and API improve clearly, prototypes get clearly worse: the pooled NLL improves, the gate rejects."""
+    nll = typed({"erd": (1.5, -0.2, 0.0), "api": (1.5, -0.2, 0.0), "prototype": (1.5, 0.15, 0.0)})
+    decision = decide(evidence(target_nll__regression=nll, prompt_gain__regression=paired(0.3, 0.02, n=60)), POLICY)
+    assert decision.verdict is Verdict.REJECT and decision.blames_batch
+    by_where = {c.where: c for c in decision.checks if c.metric == "target_nll"}
+    assert by_where["regression"].outcome is Outcome.PASS  # the pool alone would accept
+    assert by_where["regression · prototype"].outcome is Outcome.FAIL
+    assert by_where["regression · erd"].outcome is Outcome.PASS
+    assert "of type prototype" in decision.reasons[0]
+    assert by_where["regression · prototype"].as_record()["group"] == "prototype"
+
+
+def test_a_type_with_too_few_rows_is_reported_with_the_rows_it_needs_and_does_not_decide():
+    nll = typed({"erd": (1.5, -0.1, 0.0), "api": (1.5, -0.1, 0.0)}, n=20)
+    few = typed({"prototype": (1.5, 0.5, 0.0)}, n=3)  # a large regression, but on 3 rows
+    pooled = PairedScores(nll.ids + few.ids, np.r_[nll.candidate, few.candidate], np.r_[nll.parent, few.parent],
+                          np.ones(43), nll.types + few.types)  # fmt: skip
+    decision = decide(evidence(target_nll__regression=pooled, prompt_gain__regression=paired(0.3, 0.02, n=43)), POLICY)
+    proto = next(c for c in decision.checks if c.where == "regression · prototype" and c.metric == "target_nll")
+    assert proto.outcome is Outcome.TOO_FEW and not proto.gated and proto.more_rows == POLICY.min_rows_per_type - 3
+    assert "5 more would let the gate judge it" in proto.reason
+
+
+def test_a_lone_type_is_judged_pooled_only():
+    decision = decide(evidence(target_nll__regression=typed({"erd": (1.5, -0.1, 0.0)}), prompt_gain__regression=paired(0.3, 0.02)), POLICY)
+    assert [c.where for c in decision.checks if c.metric == "target_nll"] == ["regression"]
+
+
+def test_failing_one_of_many_guardrails_needs_the_bonferroni_level():
+    """A regression whose 90 % interval just clears the margin fails when it is the only guardrail, and is
+    inconclusive among many (the chance that one of many fails by luck must stay at the policy's level)."""
+    regression = paired(1.5, 0.0215, n=30, noise=0.03)  # 90 % interval just clear of the margin
+    one = decide(evidence(target_nll__regression=regression), POLICY.model_copy(update={"prompt_gain": MetricRule(margin=0.03, gated=False)}))
+    check = next(c for c in one.checks if c.metric == "target_nll")
+    assert check.outcome is Outcome.FAIL, check.reason
+    many = {f"{m}__regression": paired(0.3, 0.0, n=30) for m in ("prompt_gain", "preference_margin")}
+    several = decide(evidence(target_nll__regression=regression, **many), POLICY)
+    check = next(c for c in several.checks if c.metric == "target_nll")
+    assert check.outcome is Outcome.INCONCLUSIVE and "not at the" in check.reason, check.reason
+    assert several.undecided and not several.blames_batch
+
+
+def test_an_undecided_guardrail_says_how_many_more_rows_would_decide_it():
+    noisy = paired(1.5, 0.0, n=20, noise=0.1)
+    decision = decide(evidence(**healthy(target_nll__regression=noisy)), POLICY)
+    check = next(c for c in decision.checks if c.metric == "target_nll")
+    assert check.outcome is Outcome.INCONCLUSIVE and check.more_rows is not None and check.more_rows > 0
+    assert f"about {check.more_rows} more rows would decide it" in check.reason
+    # With that many more rows of the same spread and the same change (the rows repeated whole), it decides.
+    n = 20 * -(-(20 + check.more_rows) // 20)
+    bigger = PairedScores(tuple(f"r{i}" for i in range(n)), np.resize(noisy.candidate, n), np.resize(noisy.parent, n), np.ones(n))
+    again = decide(evidence(**healthy(target_nll__regression=bigger)), POLICY)
+    assert next(c for c in again.checks if c.metric == "target_nll").outcome is Outcome.PASS
+
+
+@pytest.mark.parametrize(
+    ("n", "regression", "low", "high", "margin", "expected"),
+    [
+        (20, 0.0, -0.02, 0.02, 0.01, 60),  # half-width 0.02 -> 0.01: four times the rows
+        (20, 0.01, 0.0, 0.02, 0.01, None),  # on the margin: no number of rows decides it
+        (10, 0.0, -0.05, 0.05, 0.025, 30),  # half-width 0.05 -> 0.025
+    ],
+)
+def test_rows_to_decide(n, regression, low, high, margin, expected):
+    from incremental.gate import rows_to_decide
+
+    assert rows_to_decide(n, regression, low, high, margin) == expected
+
+
+def test_generation_metrics_are_gated_per_type_once_there_are_enough_generated_rows():
+    validity = typed({"erd": (1.0, 0.0, 0.0), "api": (1.0, 0.0, 0.0), "prototype": (1.0, -0.5, 0.0)}, n=30)
+    decision = decide(evidence(**healthy(artifact_validity__regression=validity)), POLICY)
+    assert decision.verdict is Verdict.REJECT
+    failed = [c.where for c in decision.checks if c.outcome is Outcome.FAIL]
+    assert failed == ["regression", "regression · prototype"]
+    few = typed({"erd": (1.0, 0.0, 0.0), "prototype": (1.0, -0.5, 0.0)}, n=10)  # under min_generation_rows
+    decision = decide(evidence(**healthy(artifact_validity__regression=few)), POLICY)
+    assert decision.verdict is Verdict.ACCEPT
+    assert all(c.outcome is Outcome.TOO_FEW for c in decision.checks if c.metric == "artifact_validity")
