@@ -12,7 +12,8 @@ types, per type as well: a regression on one type fails the gate even when anoth
 With that many guardrails the rule is the one clinical trials use for co-primary endpoints: a
 candidate is accepted only if every guardrail passes, each at the policy's level, which is an
 intersection-union test and needs no adjustment for the number of guardrails (Berger 1982; Berger &
-Hsu 1996; FDA, "Multiple Endpoints in Clinical Trials", 2022, section III.A). Failing, which holds the
+Hsu 1996; FDA, "Multiple Endpoints in Clinical Trials", 2022, on co-primary endpoints; Spotify's
+decision rule, Schultzberg, Ankargren & Frånberg 2024, arXiv 2402.11609, for guardrail metrics). Failing, which holds the
 batch for a person, is a claim about one guardrail among many, so it is Bonferroni-adjusted: the
 chance that some guardrail fails a candidate that regressed on none stays under the one-sided level.
 A guardrail that cannot decide says how many more trusted rows would let it (its power).

@@ -46,7 +46,13 @@ def test_slices_scores_and_cache(small_base, untrained, tmp_path):
     for row in table:  # the same function on both sides: every per-example value agrees
         assert row["candidate"] == pytest.approx(row["parent"], abs=1e-5)
     assert sum(1 for row in table if row["metric"] == "target_nll" and row["slice"] == "regression") == 10
-    assert sum(1 for row in table if row["metric"] == "content_f1") == POLICY.generation_rows
+    # Generations: the oldest `generation_rows` judged rows of each artifact type.
+    judged_types = [row["artifact_type"] for row in table if row["metric"] == "target_nll" and row["slice"] == "regression"]
+    generated_types = [row["artifact_type"] for row in table if row["metric"] == "content_f1"]
+    assert {t: generated_types.count(t) for t in set(judged_types)} == {
+        t: min(POLICY.generation_rows, judged_types.count(t)) for t in set(judged_types)
+    }
+    assert len(set(judged_types)) > 1 and len(generated_types) > POLICY.generation_rows
 
     # The parent's scores from the first run make the second one compute none of them.
     second = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320, parent_cache=first.parent)
