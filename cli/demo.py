@@ -4,11 +4,16 @@ Day 1 seeds feedback and trains v1 from the base model; day 2 adds feedback and 
 Day 3 a poisoned batch (outputs swapped between meeting notes, all rated good) is run with screening
 off: the gate rejects v3 on the trusted rows and holds the batch. Day 3b another poisoned batch, with
 the default config: screening holds it before anything trains. Day 4 rolls back to v1 and v4 builds on
-it from clean rows only. Ends with the version table and the wall time.
+it from clean rows only. Ends with the version table, what each accepted version generates on fresh
+meeting notes (also written to `quality.json` in the demo's folder) and the wall time.
+
+Its output is the story; `incremental demo` keeps the machinery's lines off the terminal (cli/main.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -17,9 +22,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.rule import Rule
+from rich.table import Table
 
 from incremental.config import RunConfig, ScreeningPolicy
 from incremental.feedback import FeedbackStore
+from incremental.quality import TypeQuality
 from incremental.registry import Registry
 from incremental.reporting import RunSummary, version_table
 from incremental.settings import Settings
@@ -28,6 +35,11 @@ from incremental.synthetic import synthetic_feedback
 DEMO_MODEL = "tiny"
 # Feedback per day: (rows, seed, poisoned)
 DAY1, DAY2, DAY3_POISON, DAY3B_POISON, DAY4 = (80, 101, False), (80, 202, False), (80, 303, True), (80, 313, True), (60, 404, False)
+# Fresh notes per artifact type for the quality table: 10 keep it to about 15 s for four models on a
+# 2-core laptop (a share moves in steps of 0.1). Their seed is one no day draws its feedback from.
+QUALITY_PER_TYPE = 10
+QUALITY_SEED = 9000
+QUALITY_FILE = "quality.json"
 
 
 def day_ids(day: tuple[int, int, bool], demo_seed: int) -> list[str]:
@@ -39,7 +51,7 @@ def day_ids(day: tuple[int, int, bool], demo_seed: int) -> list[str]:
 def run_demo(workdir: Path, console: Console, seed: int = 0) -> list[RunSummary]:
     """The story; `seed` shifts every day's feedback (seed 0 is the README's story).
 
-    Returns the runs of days 1, 2, 3, 3b and 4.
+    Returns the runs of days 1, 2, 3, 3b and 4; the quality table's numbers are in `workdir/quality.json`.
     """
     started = time.perf_counter()
     if workdir.exists():
@@ -104,9 +116,61 @@ def run_demo(workdir: Path, console: Console, seed: int = 0) -> list[RunSummary]
         f"Held: {len(held & poisoned)} of the {len(poisoned)} poisoned rows (see `incremental feedback held`); "
         f"v4 trained on {len(trained_poison)} of them."
     )
-    console.print(f"Demo finished in {time.perf_counter() - started:.0f} s. Files are in {escape(str(workdir))}/.")
+    quality_started = time.perf_counter()
+    quality = served_quality(registry, settings, QUALITY_PER_TYPE, QUALITY_SEED + seed)
+    quality_seconds = time.perf_counter() - quality_started
+    console.print(Rule("What users receive"))
+    console.print(quality_table(quality, QUALITY_PER_TYPE))
+    record = {
+        "per_type": QUALITY_PER_TYPE,
+        "seed": QUALITY_SEED + seed,
+        "seconds": round(quality_seconds, 1),
+        "versions": {name: {t: dataclasses.asdict(q) for t, q in by_type.items()} for name, by_type in quality.items()},
+    }
+    (workdir / QUALITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    console.print(
+        f"Demo finished in {time.perf_counter() - started:.0f} s ({quality_seconds:.0f} s of it for the quality table). "
+        f"Files are in {escape(str(workdir))}/."
+    )
     _check_story(v1, v2, v3, v3b, v4, console, unheld=len(poisoned - held), trained_poison=len(trained_poison))
     return summaries
+
+
+def served_quality(registry: Registry, settings: Settings, per_type: int, seed: int) -> dict[str, dict[str, TypeQuality]]:
+    """{'base' and each accepted version, oldest first: {artifact type or 'all': quality}} of greedy
+    generations on `per_type` fresh meeting notes per type, each version loaded as serving loads it."""
+    from incremental.quality import fresh_cases, quality_by_type
+    from incremental.serving import BASE, load_model
+    from incremental.threads import apply_threads
+
+    apply_threads(settings)  # the flow's tasks set it in their own threads; this generates in the caller's
+    cases = fresh_cases(per_type, seed)
+    accepted = [info.name for info in registry.versions() if info.manifest is not None and info.manifest.status == "accepted"]
+    quality = {}
+    for name in [BASE, *accepted]:
+        loaded = load_model(registry.model, settings, version=name)
+        quality[name] = quality_by_type(loaded.model, loaded.tokenizer, cases)
+    return quality
+
+
+def quality_table(quality: dict[str, dict[str, TypeQuality]], per_type: int) -> Table:
+    """Rows: versions; columns: validity and content F1 per artifact type and over all types."""
+    table = Table(
+        title=f"What users receive: greedy generations on {per_type} fresh meeting notes per type",
+        caption="valid: share that parses as its type; F1: the names it declares against the right artifact's",
+    )
+    types = list(next(iter(quality.values())))  # the artifact types in their fixed order, then 'all'
+    table.add_column("version")
+    for artifact_type in types:
+        label = "overall" if artifact_type == "all" else artifact_type
+        table.add_column(f"{label} valid", justify="right")
+        table.add_column(f"{label} F1", justify="right")
+    for name, by_type in quality.items():
+        cells = []
+        for artifact_type in types:
+            cells += [f"{by_type[artifact_type].validity:.0%}", f"{by_type[artifact_type].content_f1:.2f}"]
+        table.add_row(escape(name), *cells)
+    return table
 
 
 def _check_story(

@@ -930,34 +930,50 @@ def run(
     # Checked before the flow is imported: a bad --model, setting or config file answers at once.
     _context(model)
     run_config = _read_config(config)
-    from prefect.logging.handlers import APILogWorker
-
-    from cli.prefect_api import prefect_api
-    # Importing the flow sets up Prefect's logging: its console handlers exist from here on.
     from flows.retrain import retrain
 
-    chatter = _PrefectChatter(quiet=bool(ctx.find_root().params.get("quiet")))
-    handlers = logging.getLogger().handlers
-    for handler in handlers:
-        handler.addFilter(chatter)
     waiting = {} if busy_timeout is None else {"busy_timeout_minutes": busy_timeout}
-    try:
-        # The temporary server, if one is needed, stops with this process, even when it is killed.
-        with prefect_api():
-            state = retrain(model=model, config=run_config, on_busy=on_busy, **waiting, return_state=True)
-            APILogWorker.drain_all(timeout=5)  # the run's last log lines reach the API before a temporary one stops
-    finally:
-        for handler in handlers:
-            handler.removeFilter(chatter)
+    with _local_runs(quiet=bool(ctx.find_root().params.get("quiet"))):
+        state = retrain(model=model, config=run_config, on_busy=on_busy, **waiting, return_state=True)
     summary = state.result()  # a failed run raises its error here: one `error:` line if a user can fix it
     console.print(_safe(summary.headline()))
     console.print(f"Final state: {_safe(state.name or state.type.value)}")
 
 
+@contextmanager
+def _local_runs(quiet: bool) -> Iterator[None]:
+    """The block runs the retrain flow in this process (`run`, `demo`). Its runs report to PREFECT_API_URL,
+    or to a temporary server that stops with this process, even when it is killed. The terminal gets the
+    runs' `[INCREMENTAL]` lines and the command's own output, not the machinery's: Prefect's bookkeeping
+    lines (`_PrefectChatter`) and the bars of every weight loading. (Training keeps the Trainer's raw log
+    dicts off stdout itself: incremental/training.py.)"""
+    from prefect.logging.handlers import APILogWorker
+    from transformers.utils import logging as hf_logging
+
+    import flows.retrain  # noqa: F401  importing the flow sets up Prefect's logging: its console handlers exist from here on
+    from cli.prefect_api import prefect_api
+
+    chatter = _PrefectChatter(quiet)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(chatter)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with prefect_api():
+            yield
+            APILogWorker.drain_all(timeout=5)  # the runs' last log lines reach the API before a temporary one stops
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        for handler in handlers:
+            handler.removeFilter(chatter)
+
+
 class _PrefectChatter(logging.Filter):
     """Keeps Prefect's bookkeeping lines about each run and task (beginning, `Finished in state ...`,
-    `View at ...`) off the terminal of `incremental run`; the Prefect API still gets them. Warnings and
-    errors always pass; with --quiet, so does nothing else from Prefect's run loggers."""
+    `View at ...`) off the terminal of `incremental run` and `demo`; the Prefect API still gets them.
+    Warnings and errors always pass; with --quiet, so does nothing else from Prefect's run loggers."""
 
     _BOOKKEEPING = re.compile(r"(Beginning (flow|subflow) run|Created (flow|subflow|task) run|Finished in state|View at) ")
 
@@ -1095,13 +1111,16 @@ def serve(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's DuckDB file and versions (wiped first).")] = Path("demo-run"),
     seed: Annotated[int, typer.Option(help="Shifts every day's synthetic feedback; 0 is the README's story.")] = 0,
 ) -> None:
-    """The whole story on the embedded tiny model: v1, v2, a poisoned v3 rejected and held, rollback, v4."""
+    """The whole story on the embedded tiny model: v1, v2, a poisoned v3 rejected and held, rollback, v4,
+    and what each accepted version generates on fresh meeting notes."""
     from cli.demo import run_demo
 
-    run_demo(workdir, console, seed=seed)
+    with _local_runs(quiet=bool(ctx.find_root().params.get("quiet"))):
+        run_demo(workdir, console, seed=seed)
 
 
 # Commands kept in their own modules (each imports its heavy code inside the command).

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from incremental.batching import BatchingTrainer, plan_batching
 from incremental.config import RunConfig, TrainSettings
@@ -224,6 +224,10 @@ def train_adapter(
             callbacks=[_ReportProgress(progress, counting.tally)],
             batching=batching,
         )
+        # Without a progress bar the Trainer adds PrinterCallback, which print()s every log dict
+        # ({'loss': ..., 'grad_norm': ...}) to stdout, where no log filter reaches it; `_ReportProgress`
+        # already logs the same numbers as `[INCREMENTAL]` lines.
+        trainer.remove_callback(PrinterCallback)
         train_started = time.perf_counter()
         output = trainer.train()
         train_seconds = time.perf_counter() - train_started

@@ -112,6 +112,8 @@ def test_run_prints_the_headline_and_final_state_without_prefect_bookkeeping(fir
     assert f"[INCREMENTAL] Training {version.name} (builds on base model)" in done.stderr
     for line in PREFECT_BOOKKEEPING:
         assert line not in everything, everything[-4000:]
+    # Nor the Trainer's raw log dicts, nor a bar per weight loading: the run's own lines carry the loss.
+    assert "'loss'" not in everything and "Loading weights" not in everything, everything[-4000:]
 
 
 @pytest.mark.parametrize("waiting", [["--on-busy", "skip"], ["--busy-timeout", "0.05"]], ids=["skip", "wait-times-out"])
