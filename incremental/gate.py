@@ -16,7 +16,11 @@ Hsu 1996; FDA, "Multiple Endpoints in Clinical Trials", 2022, on co-primary endp
 decision rule, Schultzberg, Ankargren & Frånberg 2024, arXiv 2402.11609, for guardrail metrics). Failing, which holds the
 batch for a person, is a claim about one guardrail among many, so it is Bonferroni-adjusted: the
 chance that some guardrail fails a candidate that regressed on none stays under the one-sided level.
-A guardrail that cannot decide says how many more trusted rows would let it (its power).
+Following the same rule, a check is either a non-inferiority guardrail (it must be shown within its
+margin: the pooled likelihoods by default) or a deterioration test (it blocks only a clear regression
+beyond its margin: each artifact type, and validity and content F1, which a few dozen rows cannot
+show non-inferior while the model still changes its outputs). A check that cannot decide says how
+many more trusted rows would let it (its power).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Outcome(str, Enum):
     FAIL = "fail"
     INCONCLUSIVE = "inconclusive"
     TOO_FEW = "too few rows"
+    NOT_SHOWN_WORSE = "not shown worse"  # a deterioration test whose interval straddles its margin: does not block
     REPORTED = "reported"  # not gated: computed for the record
 
 
@@ -141,7 +146,7 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        return self.outcome in (Outcome.PASS, Outcome.REPORTED)
+        return self.outcome in (Outcome.PASS, Outcome.REPORTED, Outcome.NOT_SHOWN_WORSE)
 
     def as_record(self) -> dict:
         return {
@@ -330,6 +335,7 @@ def _judge(
             seed=seed, confidence=fail_confidence, resamples=policy.bootstrap_resamples,
         )  # fmt: skip
         fail_low = min(sign * wide.low, sign * wide.high)
+    deterioration = (rule.test if group is None else policy.per_type_test) == "deterioration" or rule.test == "deterioration"
     more_rows = None
     if not gated:
         outcome = Outcome.REPORTED
@@ -338,21 +344,23 @@ def _judge(
     elif fail_low > margin:
         outcome = Outcome.FAIL
     else:
-        outcome = Outcome.INCONCLUSIVE
+        outcome = Outcome.NOT_SHOWN_WORSE if deterioration else Outcome.INCONCLUSIVE
         more_rows = rows_to_decide(n, sign * interval.difference, low, high, margin)
     direction = "higher is better" if spec.higher_is_better else "lower is better"
     words = {
         Outcome.PASS: "no regression beyond the margin",
         Outcome.FAIL: "regressed beyond the margin",
         Outcome.INCONCLUSIVE: "the interval straddles the margin: inconclusive",
+        Outcome.NOT_SHOWN_WORSE: "the interval straddles the margin; a deterioration test blocks only a clear regression",
         Outcome.REPORTED: "reported, not gated" if slice_ != NEW else "reported only: these rows arrived with the batch",
     }[outcome]
-    if outcome is Outcome.INCONCLUSIVE and low > margin:
+    if outcome in (Outcome.INCONCLUSIVE, Outcome.NOT_SHOWN_WORSE) and low > margin:
         words = (
             f"beyond the margin at {policy.confidence:.0%}, but not at the {fail_confidence:.1%} a fail needs with "
-            f"{_judged_count(policy, fail_confidence)} guardrails judged: inconclusive"
+            f"{_judged_count(policy, fail_confidence)} guardrails judged: "
+            + ("inconclusive" if outcome is Outcome.INCONCLUSIVE else "not shown worse (a deterioration test)")
         )
-    if outcome is Outcome.INCONCLUSIVE:
+    if outcome in (Outcome.INCONCLUSIVE, Outcome.NOT_SHOWN_WORSE):
         words += (
             f"; about {more_rows} more rows{'' if group is None else f' of type {group}'} would decide it if the change holds"
             if more_rows is not None

@@ -359,7 +359,7 @@ def _short(name: str | None) -> str:
 
 _COLOURS = {
     "accepted": "#2e7d32", "rejected": "#c62828", "damaged": "#757575", "current": "#f9a825", "rollback": "#6a1b9a",
-    "pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", "too few rows": "#ef6c00",
+    "pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#ef6c00", "too few rows": "#ef6c00", "not shown worse": "#9e9d24",
     "new": "#1565c0", "replay": "#90caf9", "eval": "#ef6c00", "screened": "#8d6e63", "held by gate": "#c62828",
 }  # fmt: skip
 

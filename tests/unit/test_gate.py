@@ -262,3 +262,28 @@ def test_generation_metrics_are_gated_per_type_once_there_are_enough_generated_r
     decision = decide(evidence(**healthy(artifact_validity__regression=few)), POLICY)
     assert decision.verdict is Verdict.ACCEPT
     assert all(c.outcome is Outcome.TOO_FEW for c in decision.checks if c.metric == "artifact_validity")
+
+
+def test_a_type_that_cannot_be_told_apart_does_not_block_unless_the_policy_asks_it_to():
+    """Per-type checks are deterioration tests by default: a straddling interval on one type reports how
+    many rows it needs and lets the pooled guardrails decide; `per_type_test='non_inferiority'` blocks."""
+    nll = typed({"erd": (1.5, -0.05, 0.0), "api": (1.5, -0.05, 0.0), "prototype": (1.5, 0.01, 0.08)}, n=12)
+    scores = evidence(target_nll__regression=nll, prompt_gain__regression=paired(0.3, 0.02, n=36))
+    lenient = decide(scores, POLICY)
+    proto = next(c for c in lenient.checks if c.where == "regression · prototype" and c.metric == "target_nll")
+    assert proto.outcome is Outcome.NOT_SHOWN_WORSE and proto.passed and "deterioration test" in proto.reason
+    assert lenient.verdict is Verdict.ACCEPT
+    strict = decide(scores, POLICY.model_copy(update={"per_type_test": "non_inferiority"}))
+    assert strict.verdict is Verdict.INCONCLUSIVE and strict.undecided
+    assert next(c for c in strict.checks if c.where == "regression · prototype" and c.metric == "target_nll").outcome is Outcome.INCONCLUSIVE
+
+
+def test_validity_is_a_deterioration_test_a_clear_fall_fails_a_straddle_does_not():
+    n = 30
+    # Both 0.7 valid, but on different rows (18 of 30 discordant): the interval is far wider than the margin.
+    straddle = PairedScores(tuple(f"r{i}" for i in range(n)), np.r_[np.ones(21), np.zeros(9)], np.r_[np.zeros(9), np.ones(21)], np.ones(n))
+    decision = decide(evidence(**healthy(artifact_validity__regression=straddle)), POLICY)
+    check = next(c for c in decision.checks if c.metric == "artifact_validity")
+    assert check.outcome is Outcome.NOT_SHOWN_WORSE and decision.verdict is Verdict.ACCEPT, check.reason
+    fall = PairedScores(tuple(f"r{i}" for i in range(n)), np.r_[np.ones(10), np.zeros(20)], np.ones(n), np.ones(n))
+    assert decide(evidence(**healthy(artifact_validity__regression=fall)), POLICY).verdict is Verdict.REJECT
