@@ -43,6 +43,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import duckdb  # noqa: E402
 
+from benchmarks.state import learned_by_current, trainable_train_rows  # noqa: E402
+
 from incremental.config import RunConfig, ScreeningPolicy  # noqa: E402
 from incremental.feedback import FeedbackStore  # noqa: E402
 from incremental.registry import Registry  # noqa: E402
@@ -152,24 +154,6 @@ def make_batch(folder: Path, kind: str, seed: int, rows: int) -> tuple[list[str]
     return ids, set() if kind == "clean" else set(ids)
 
 
-def trainable_train_rows(folder: Path, ids: list[str]) -> set[str]:
-    """The rows of `ids` a version can train on: train split, rated good or corrected."""
-    with duckdb.connect(str(folder / "feedback.duckdb"), read_only=True) as con:
-        found = con.execute(
-            "SELECT id FROM feedback WHERE id IN (SELECT unnest(?::VARCHAR[])) AND split = 'train' "
-            "AND (rating = 'good' OR correction IS NOT NULL)",
-            [ids],
-        ).fetchall()
-    return {row_id for (row_id,) in found}
-
-
-def learned_by_current(folder: Path) -> set[str]:
-    """Every row the current version's lineage trained on as new."""
-    registry = Registry(folder / "finetuned_models", MODEL)
-    current = registry.current()
-    return {row_id for name in (registry.lineage(current) if current else []) for row_id in registry.get(name).manifest.data.new_ids}
-
-
 def run_trial(
     template: Path, scratch: Path, kind: str, seed: int, rows: int, config: RunConfig, *, cold: bool,
     label: str = "default", start: str = "v2", keep: Path | None = None,
@@ -191,7 +175,7 @@ def run_trial(
     marks = store.marks(MODEL, ids)
     screened = {m.feedback_id for m in marks if m.actor == "screening" and m.action == "hold"}
     held_by_gate = {m.feedback_id for m in marks if m.actor == "gate" and m.action == "hold"}
-    learned = learned_by_current(folder) & set(ids)
+    learned = learned_by_current(folder, MODEL) & set(ids)
     rules: dict[str, int] = {}
     for mark in marks:
         if mark.actor == "screening" and mark.action == "hold":
@@ -238,7 +222,7 @@ def run_poison_then_clean(template: Path, scratch: Path, kind: str, seed: int, r
         ids, _ = make_batch(folder, "clean", 100 * seed + night + 50, rows)
         clean_ids += ids
         statuses.append(retrain(model=MODEL, config=config).status)
-    learned = learned_by_current(folder)
+    learned = learned_by_current(folder, MODEL)
     clean_trainable = trainable_train_rows(folder, clean_ids)
     shutil.rmtree(folder, ignore_errors=True)
     return {

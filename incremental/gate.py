@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
