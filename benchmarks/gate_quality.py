@@ -198,7 +198,8 @@ def run_trial(
     if summary.version:
         checks = Registry(folder / "finetuned_models", MODEL).get(summary.version).manifest.gate.checks
         for check in checks:
-            if check["slice"] in ("regression", "new") and check["metric"] in ("target_nll", "prompt_gain") and check["delta"] is not None:
+            pooled = check.get("group") is None  # per-type checks are in the manifest too; the tables read the pool
+            if pooled and check["slice"] in ("regression", "new") and check["metric"] in ("target_nll", "prompt_gain") and check["high"] is not None:
                 result[f"{check['metric']}_{check['slice']}_delta"] = round(check["delta"], 4)
                 result[f"{check['metric']}_{check['slice']}_high"] = round(check["high"], 4)
                 result[f"{check['metric']}_{check['slice']}_low"] = round(check["low"], 4)
