@@ -50,6 +50,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/history_scaling.py
 	$(BIN)/python benchmarks/gate_quality.py
+	INCREMENTAL_THREADS=1 $(BIN)/python benchmarks/learning_curve.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/flow_overhead.py
