@@ -91,8 +91,10 @@ CASES = [
      evidence(**healthy(rejected_nll__regression=paired(0.0, -0.125))),
      POLICY.model_copy(update={"rejected_nll": MetricRule(margin=0.0, relative_margin=0.5)}), Verdict.REJECT, False,
      "NLL of rejected outputs"),
-    ("an ungated metric only reports", evidence(**healthy(artifact_validity__regression=paired(1.0, -1.0))), POLICY,
+    ("an ungated metric only reports", evidence(**healthy(rejected_nll__regression=paired(1.0, -1.0))), POLICY,
      Verdict.ACCEPT, True, "no regression"),
+    ("validity is gated: all valid to none fails", evidence(**healthy(artifact_validity__regression=paired(1.0, -1.0))), POLICY,
+     Verdict.REJECT, False, "artifact validity on regression rows"),
     ("non-finite candidate score", evidence(**healthy(target_nll__regression=paired(np.array([1.0] * 9 + [np.nan]), -0.1))),
      POLICY, Verdict.REJECT, False, "not all finite"),
     ("must-improve rule on the batch's rows",
@@ -258,7 +260,7 @@ def test_generation_metrics_are_gated_per_type_once_there_are_enough_generated_r
     assert decision.verdict is Verdict.REJECT
     failed = [c.where for c in decision.checks if c.outcome is Outcome.FAIL]
     assert failed == ["regression", "regression · prototype"]
-    few = typed({"erd": (1.0, 0.0, 0.0), "prototype": (1.0, -0.5, 0.0)}, n=10)  # under min_generation_rows
+    few = typed({"erd": (1.0, 0.0, 0.0), "prototype": (1.0, -0.5, 0.0)}, n=3)  # under min_generation_rows, pooled too
     decision = decide(evidence(**healthy(artifact_validity__regression=few)), POLICY)
     assert decision.verdict is Verdict.ACCEPT
     assert all(c.outcome is Outcome.TOO_FEW for c in decision.checks if c.metric == "artifact_validity")
