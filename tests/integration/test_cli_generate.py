@@ -108,6 +108,9 @@ def test_serve_model_answers_over_http_and_stops_on_ctrl_c(env, env_store, small
     server = subprocess.Popen(
         [sys.executable, "-c", "from cli.main import main; main()", "serve-model", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ), cwd=REPO_ROOT,
+        # A test run started in the background of a shell without job control inherits SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler: give the server the Ctrl+C a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert server.stdout is not None
