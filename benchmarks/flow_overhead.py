@@ -91,7 +91,7 @@ def direct_run(model: str, config) -> dict:
     registry = Registry(settings.models_root, model)
     store = FeedbackStore(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
     with stage(seconds, "resolve-parent"):
-        parent = registry.parent()
+        parent = registry.parent(new_lineage_layout=settings.prompt_layout)
     with stage(seconds, "collect-feedback"):
         store.init()
         window = EvalWindow(per_type=config.data.max_eval_rows_per_type, anchors=config.data.eval_anchor_rows)
@@ -113,14 +113,15 @@ def direct_run(model: str, config) -> dict:
             if parent.adapter_dir is not None:
                 registry.adapter_dir(parent.adapter_dir.name)
             training = train_candidate(
-                base, hardware, parent.name, parent.adapter_dir, snapshot, config, reservation.staging_dir, show_progress_bar=False
+                base, hardware, parent.name, parent.adapter_dir, snapshot, config, reservation.staging_dir,
+                prompt_layout=parent.prompt_layout, show_progress_bar=False,
             )
         with stage(seconds, "evaluate-candidate"):
             apply_threads(settings)
             evaluated = evaluate_candidate(
                 base, hardware, model_name=model, candidate_dir=reservation.staging_dir, candidate_name=reservation.name,
                 parent_name=parent.name, parent_adapter=parent.adapter_dir, snapshot=snapshot, policy=config.gate,
-                max_length=config.train.max_length, cache=store,
+                max_length=config.train.max_length, prompt_layout=parent.prompt_layout, cache=store,
             )  # fmt: skip
         evidence = evaluated.evidence if isinstance(evaluated, EvalResult) else evaluated
         with stage(seconds, "gate-candidate"):
@@ -142,6 +143,7 @@ def direct_run(model: str, config) -> dict:
         manifest = draft_manifest(
             name=reservation.name, model=model, parent=parent.name, created_at=reservation.created_at, base=base.ref,
             config=config, snapshot=snapshot, training=training, scores=scores, decision=decision, held_ids=held,
+            prompt_layout=parent.prompt_layout,
             evaluation=cost, eval_window=collected.window_record(),
         )  # fmt: skip
         with stage(seconds, "finalize-version"):

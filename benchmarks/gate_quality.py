@@ -113,7 +113,8 @@ def current_generations(folder: Path, seed: int, rows: int) -> tuple[list, list[
         cases = generate_cases(rows, 7000 + seed)
         loaded = load_model(MODEL, Settings())
         outputs = generate_greedy(
-            loaded.model, loaded.tokenizer, [(c.artifact_type, c.notes) for c in cases], max_new_tokens=GENERATION_TOKENS
+            loaded.model, loaded.tokenizer, [(c.artifact_type, c.notes) for c in cases], max_new_tokens=GENERATION_TOKENS,
+            prompt_layout=loaded.prompt_layout,
         )
         _GENERATIONS[key] = (cases, outputs, current)
     return _GENERATIONS[key]

@@ -44,6 +44,7 @@ from incremental.evaluation import ModelScores, evaluate_pair, generation_scorer
 from incremental.feedback import EvalWindow, FeedbackStore, split_for  # noqa: E402
 from incremental.manifest import BaseModelRef  # noqa: E402
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base  # noqa: E402
+from incremental.prompting import LATEST_LAYOUT  # noqa: E402
 from incremental.scoring import triple_hash  # noqa: E402
 from incremental.settings import Settings  # noqa: E402
 from incremental.synthetic import synthetic_feedback  # noqa: E402
@@ -121,7 +122,10 @@ def measure(history: int, repeats: int, base_dir: Path, adapters: tuple[Path, Pa
     config = RunConfig()
     window = EvalWindow(per_type=config.data.max_eval_rows_per_type, anchors=config.data.eval_anchor_rows)
     base = ResolvedBase(BaseModelRef(id=str(base_dir)), str(base_dir))
-    scorers = (nll_scorer(CPU, config.train.max_length), generation_scorer(CPU, config.train.max_length, config.gate.max_new_tokens))
+    scorers = (
+        nll_scorer(CPU, config.train.max_length, LATEST_LAYOUT),
+        generation_scorer(CPU, config.train.max_length, config.gate.max_new_tokens, LATEST_LAYOUT),
+    )
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         store, lineage, accepted_at = build_history(folder, history)
@@ -142,7 +146,7 @@ def measure(history: int, repeats: int, base_dir: Path, adapters: tuple[Path, Pa
             texts = store.cached_scores("bench", parent_name, scorers[1], list(eval_plan.generation_prompts()))
             cache = ModelScores(nll={h: v[:2] for h, v in nll.items()}, generations={h: v[2] for h, v in texts.items()})
             result = evaluate_pair(base, CPU, adapters[1], adapters[0], snapshot, policy=config.gate,
-                                   max_length=config.train.max_length, parent_cache=cache, plan=eval_plan)  # fmt: skip
+                                   max_length=config.train.max_length, prompt_layout=LATEST_LAYOUT, parent_cache=cache, plan=eval_plan)  # fmt: skip
             t3 = time.perf_counter()
             if repeat == 0:
                 store.cache_scores("bench", parent_name, scorers[0], {h: (*v, None) for h, v in result.parent.nll.items()})

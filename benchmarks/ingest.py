@@ -189,6 +189,7 @@ def child_dataset(database: str, path: str, limit: int | None) -> dict:
     import duckdb
 
     from incremental.dataset import encode_examples, tokenize_train
+    from incremental.prompting import LATEST_LAYOUT
 
     tokenizer = small_tokenizer() if limit else None
     sql = TRAIN_SQL + (f" LIMIT {limit}" if limit else "")
@@ -203,7 +204,7 @@ def child_dataset(database: str, path: str, limit: int | None) -> dict:
             fingerprint = hashlib.sha256(b"".join(bytes(b) for b in row_ids.buffers()[1:])).hexdigest()[:16]
         dataset = datasets.Dataset(table, fingerprint=fingerprint)
         if tokenizer is not None:
-            dataset, _ = tokenize_train(table, tokenizer, max_length=512)
+            dataset, _ = tokenize_train(table, tokenizer, max_length=512, prompt_layout=LATEST_LAYOUT)
     else:
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description]
@@ -212,7 +213,8 @@ def child_dataset(database: str, path: str, limit: int | None) -> dict:
         dataset = datasets.Dataset.from_list(records)
         if tokenizer is not None:
             encoded = encode_examples(
-                tokenizer, [r["artifact_type"] for r in records], [r["prompt"] for r in records], [r["target"] for r in records], 512
+                tokenizer, [r["artifact_type"] for r in records], [r["prompt"] for r in records], [r["target"] for r in records], 512,
+                prompt_layout=LATEST_LAYOUT,
             )
             dataset = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
     seconds = time.perf_counter() - started

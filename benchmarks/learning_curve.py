@@ -179,7 +179,9 @@ class Scorer:
             # Batches of 32 rather than the decoder's default 8: about twice as fast on CPU, and a text does
             # not depend on its batch (left padding, masked; tests/integration/test_serving.py checks it).
             prompts = [(c.artifact_type, c.notes) for c in cases]
-            texts = generate_greedy(loaded.model, loaded.tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=32)
+            texts = generate_greedy(
+                loaded.model, loaded.tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, prompt_layout=loaded.prompt_layout, batch_size=32
+            )
             default = score_generations(self.cases, texts[: len(self.cases)])
             scores = flatten(default, "")
             if self.new_domain_cases:

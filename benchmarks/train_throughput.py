@@ -237,6 +237,7 @@ def cpu_child(workdir: Path, arm: str, threads: int, seed: int) -> None:
 def cpu_main(args) -> None:
     from incremental.batching import CPU_DEFAULT
     from incremental.dataset import encode_examples, tokenize_train
+    from incremental.prompting import LATEST_LAYOUT
 
     import pyarrow as pa
 
@@ -247,10 +248,10 @@ def cpu_main(args) -> None:
     tokenizer.save_pretrained(work / "tokenizer")
     texts = case_texts(args.rows, seed=11)
     table = pa.table({"artifact_type": [t for t, _, _ in texts], "prompt": [n for _, n, _ in texts], "target": [a for _, _, a in texts]})
-    train, _ = tokenize_train(table, tokenizer, args.max_length)
+    train, _ = tokenize_train(table, tokenizer, args.max_length, prompt_layout=LATEST_LAYOUT)
     train.save_to_disk(str(work / "train"))
     held = case_texts(args.heldout, seed=99)
-    encoded = encode_examples(tokenizer, *zip(*held), args.max_length)
+    encoded = encode_examples(tokenizer, *zip(*held), args.max_length, prompt_layout=LATEST_LAYOUT)
     (work / "heldout.json").write_text(json.dumps([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]))
     settings = TrainSettings(epochs=1, batch_size=args.batch_size, max_length=args.max_length, seed=SEED)
     (work / "settings.json").write_text(settings.model_dump_json())

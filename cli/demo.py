@@ -149,7 +149,7 @@ def served_quality(registry: Registry, settings: Settings, per_type: int, seed: 
     quality = {}
     for name in [BASE, *accepted]:
         loaded = load_model(registry.model, settings, version=name)
-        quality[name] = quality_by_type(loaded.model, loaded.tokenizer, cases)
+        quality[name] = quality_by_type(loaded.model, loaded.tokenizer, cases, prompt_layout=loaded.prompt_layout)
     return quality
 
 

@@ -863,6 +863,7 @@ def gate_calibrate(
     scores_path = registry.root / current / SCORES
     report = calibrate(
         scorer, tokenizer, plan.eval, run_config.gate, version=current, max_length=run_config.train.max_length,
+        prompt_layout=registry.get(current).manifest.prompt_layout,
         promotion_scores=pq.read_table(scores_path) if scores_path.is_file() else None,
     )
     table = Table(title=f"Noise floor of the gate for the next candidate of {_safe(current)} ({_safe(report.slice)} rows)")

@@ -64,10 +64,10 @@ class CalibrationReport:
 
 
 def calibrate(
-    model, tokenizer, eval_table: pa.Table, policy: GatePolicy, *, version: str, max_length: int,
+    model, tokenizer, eval_table: pa.Table, policy: GatePolicy, *, version: str, max_length: int, prompt_layout: int,
     promotion_scores: pa.Table | None = None,
 ) -> CalibrationReport:
-    """Score `model` (the current version) on `eval_table` (a dataset plan's eval rows) twice over.
+    """Score `model` (the current version, prompted in its `prompt_layout`) on `eval_table` (a dataset plan's eval rows) twice over.
 
     The rows are sliced as they will be for the next candidate; generation runs on the first
     `generation_rows` judged rows (sample A) and on the next as many (sample B). `promotion_scores`
@@ -86,7 +86,9 @@ def calibrate(
     for row_id in plan.generation_ids:
         seen[type_of[row_id]] = seen.get(type_of[row_id], 0) + 1
         (sample_a if seen[type_of[row_id]] <= sample_size else sample_b).append(row_id)
-    scores, _ = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
+    scores, _ = score_model(
+        model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens, prompt_layout=prompt_layout
+    )
     table = per_example_table(plan, scores, scores)
     judged = judged_slices(False)[0]
     noises = []

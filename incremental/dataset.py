@@ -261,7 +261,7 @@ class EncodedExample:
     truncated: bool
 
 
-def encode_examples(tokenizer, tasks, notes, targets, max_length: int) -> list[EncodedExample]:
+def encode_examples(tokenizer, tasks, notes, targets, max_length: int, *, prompt_layout: int) -> list[EncodedExample]:
     """Tokenize each prompt + target as one text and mask the prompt tokens from the loss.
 
     Tokenizing the whole text once (rather than prompt and target apart) keeps the tokens the
@@ -271,7 +271,7 @@ def encode_examples(tokenizer, tasks, notes, targets, max_length: int) -> list[E
     it (an HTML strikethrough) become ordinary tokens, never the special ids; the only bos and eos
     are the ones added here.
     """
-    prompts = [build_prompt(task, note) for task, note in zip(tasks, notes)]
+    prompts = [build_prompt(task, note, prompt_layout=prompt_layout) for task, note in zip(tasks, notes)]
     texts = [prompt + target for prompt, target in zip(prompts, targets)]
     encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -295,8 +295,8 @@ def encode_examples(tokenizer, tasks, notes, targets, max_length: int) -> list[E
     return examples
 
 
-def tokenize_train(table: pa.Table, tokenizer, max_length: int):
-    """A `datasets.Dataset` of input_ids/labels for the trainer, and how many rows were cut."""
+def tokenize_train(table: pa.Table, tokenizer, max_length: int, *, prompt_layout: int):
+    """A `datasets.Dataset` of input_ids/labels for the trainer (prompts in `prompt_layout`), and how many rows were cut."""
     import datasets  # deferred: importing datasets costs seconds, the CLI's light commands skip it
 
     encoded = encode_examples(
@@ -305,6 +305,7 @@ def tokenize_train(table: pa.Table, tokenizer, max_length: int):
         table.column("prompt").to_pylist(),
         table.column("target").to_pylist(),
         max_length,
+        prompt_layout=prompt_layout,
     )
     dataset = datasets.Dataset.from_dict(
         {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}

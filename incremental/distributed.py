@@ -51,6 +51,7 @@ class TrainJob:
     quantization: str
     parent_name: str | None
     parent_adapter: str | None
+    prompt_layout: int  # the lineage's prompt layout
     snapshot: dict  # dataset.DatasetSnapshot's fields
     config: dict  # RunConfig, as JSON
     output_dir: str
@@ -83,6 +84,7 @@ def train_distributed(
     config: RunConfig,
     output_dir: Path,
     *,
+    prompt_layout: int,
     processes: int,
     threads: int,
     peak_cache: Path | None = None,
@@ -97,6 +99,7 @@ def train_distributed(
             base_id=base.ref.id, base_revision=base.ref.revision, base_source=base.source,
             device=hardware.device, quantization=hardware.quantization,
             parent_name=parent_name, parent_adapter=None if parent_adapter is None else str(parent_adapter),
+            prompt_layout=prompt_layout,
             snapshot={key: str(value) if isinstance(value, Path) else value for key, value in asdict(snapshot).items()},
             config=config.model_dump(mode="json"), output_dir=str(output_dir),
             peak_cache=None if peak_cache is None else str(peak_cache),
@@ -161,6 +164,7 @@ def _run_rank(job_path: Path) -> None:
         snapshot,
         RunConfig.model_validate(job.config),
         Path(job.output_dir),
+        prompt_layout=job.prompt_layout,
         show_progress_bar=False,
         peak_cache=None if job.peak_cache is None else Path(job.peak_cache),
     )

@@ -44,6 +44,10 @@ FILE_HASHES = "files.sha256.json"
 # Bump when the recipe (corpus, tokenizer, training loop) changes, so old caches are not reused.
 RECIPE_VERSION = 2
 
+# The base is pretrained on related tasks in prompt layout 1 (`prompting.py`); adapters of either
+# layout sit on it. A new pretraining layout would be a new recipe, and every cached base rebuilt.
+PRETRAIN_LAYOUT = 1
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
 
@@ -214,7 +218,7 @@ def _build(spec: EmbeddedBaseSpec, out: Path) -> dict:
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     tokenizer = _train_tokenizer(spec)
-    pairs = related_task_pairs(spec.pretrain_examples, spec.seed, spec.related_tasks)
+    pairs = related_task_pairs(spec.pretrain_examples, spec.seed, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT)
     examples = [_encode(tokenizer, prompt, target) for prompt, target in pairs]
     # Artifacts alone, with no notes before them, as a code model meets Mermaid, OpenAPI and HTML in
     # its pretraining: the base learns their syntax (a LoRA cannot move the embeddings of tokens it
@@ -233,7 +237,8 @@ def _build(spec: EmbeddedBaseSpec, out: Path) -> dict:
     model.eval()
     real_triples = [(c.artifact_type, c.notes, c.artifact) for c in generate_cases(spec.eval_cases, spec.seed + 1)]
     related_triples = [
-        (*_task_and_notes_of(p), t) for p, t in related_task_pairs(spec.eval_cases * len(RELATED_TASKS), spec.seed + 1)
+        (*_task_and_notes_of(p), t)
+        for p, t in related_task_pairs(spec.eval_cases * len(RELATED_TASKS), spec.seed + 1, prompt_layout=PRETRAIN_LAYOUT)
     ]
     gains = _prompt_gain(model, tokenizer, real_triples)
     gains["real"] = gains.pop("all")
@@ -261,7 +266,10 @@ def _train_tokenizer(spec: EmbeddedBaseSpec) -> PreTrainedTokenizerFast:
     """Byte-level BPE, so any text round-trips; `tokenizer(text)` prepends bos, as Llama's does."""
     cases = generate_cases(spec.tokenizer_cases, spec.seed + 2)
     corpus = [c.notes for c in cases] + [c.artifact for c in cases]
-    corpus += [prompt + target for prompt, target in related_task_pairs(spec.tokenizer_cases, spec.seed + 2, spec.related_tasks)]
+    corpus += [
+        prompt + target
+        for prompt, target in related_task_pairs(spec.tokenizer_cases, spec.seed + 2, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT)
+    ]
     bpe = Tokenizer(models.BPE(unk_token=UNK))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -382,7 +390,7 @@ def _length_buckets(examples: list, batch_size: int, generator: torch.Generator)
 
 
 def _task_and_notes_of(prompt: str) -> tuple[str, str]:
-    """Inverts `build_prompt`."""
+    """Inverts `build_prompt` in `PRETRAIN_LAYOUT`."""
     header, rest = prompt.split("\n### Notes:\n", 1)
     return header.removeprefix("### Task: "), rest.rsplit("\n### Output:\n", 1)[0]
 
@@ -392,7 +400,10 @@ def _target_nlls(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tr
     from incremental.scoring import score_nll  # the project's one scoring implementation
 
     tasks, notes, targets = zip(*triples)
-    scores = score_nll(model, tokenizer, list(tasks), list(notes), list(targets), max_length=model.config.max_position_embeddings)
+    scores = score_nll(
+        model, tokenizer, list(tasks), list(notes), list(targets),
+        max_length=model.config.max_position_embeddings, prompt_layout=PRETRAIN_LAYOUT,
+    )  # fmt: skip
     return [(float(nll), int(n)) for nll, n in zip(scores.nll_sum, scores.n_tokens)]
 
 

@@ -160,14 +160,16 @@ def plan_for(snapshot: DatasetSnapshot, policy: GatePolicy, *, first_version: bo
     )  # fmt: skip
 
 
-def score_model(model, tokenizer, plan: EvalPlan, *, max_length: int, max_new_tokens: int, cached: ModelScores | None = None) -> tuple[ModelScores, int]:
-    """A model's scores on the plan; returns them and how many it computed (the rest were cached)."""
+def score_model(
+    model, tokenizer, plan: EvalPlan, *, max_length: int, max_new_tokens: int, prompt_layout: int, cached: ModelScores | None = None
+) -> tuple[ModelScores, int]:
+    """A model's scores on the plan, prompts in `prompt_layout`; returns them and how many it computed (the rest were cached)."""
     cached = cached or ModelScores({}, {})
     triples = plan.triples()
-    nll = score_triples(model, tokenizer, triples, max_length=max_length, cached=cached.nll)
+    nll = score_triples(model, tokenizer, triples, max_length=max_length, prompt_layout=prompt_layout, cached=cached.nll)
     prompts = plan.generation_prompts()
     missing = [h for h in prompts if h not in cached.generations]
-    texts = generate_greedy(model, tokenizer, [prompts[h] for h in missing], max_new_tokens=max_new_tokens)
+    texts = generate_greedy(model, tokenizer, [prompts[h] for h in missing], max_new_tokens=max_new_tokens, prompt_layout=prompt_layout)
     generations = {h: cached.generations[h] for h in prompts if h in cached.generations} | dict(zip(missing, texts))
     computed = len(nll.keys() - cached.nll.keys()) + len(missing)
     return ModelScores(nll=nll, generations=generations), computed
@@ -182,10 +184,12 @@ def evaluate_pair(
     *,
     policy: GatePolicy,
     max_length: int,
+    prompt_layout: int,
     parent_cache: ModelScores | None = None,
     plan: EvalPlan | None = None,
 ) -> EvalResult:
-    """Candidate and parent scored on one loaded base, on the identical snapshot.
+    """Candidate and parent scored on one loaded base, on the identical snapshot, with the lineage's
+    `prompt_layout` (a candidate keeps its parent's).
 
     The parent is another named adapter on the same base, or the bare base (adapter disabled)
     when the candidate is the first version. `plan` is `plan_for(snapshot, ...)`, when the caller
@@ -197,15 +201,14 @@ def evaluate_pair(
     adapters = {"candidate": candidate_adapter} | ({} if parent_adapter is None else {"parent": parent_adapter})
     model, tokenizer = load_scoring_model(base, hardware, adapters)
     model.set_adapter("candidate")
-    candidate, _ = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
+    settings = {"max_length": max_length, "max_new_tokens": policy.max_new_tokens, "prompt_layout": prompt_layout}
+    candidate, _ = score_model(model, tokenizer, plan, **settings)
     if parent_adapter is None:
         with model.disable_adapter():
-            parent, computed = score_model(model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens)
+            parent, computed = score_model(model, tokenizer, plan, **settings)
     else:
         model.set_adapter("parent")
-        parent, computed = score_model(
-            model, tokenizer, plan, max_length=max_length, max_new_tokens=policy.max_new_tokens, cached=parent_cache
-        )
+        parent, computed = score_model(model, tokenizer, plan, **settings, cached=parent_cache)
     table = per_example_table(plan, candidate, parent)
     total = len(parent.nll) + len(parent.generations)
     return EvalResult(
@@ -239,6 +242,7 @@ def evaluate_candidate(
     snapshot: DatasetSnapshot,
     policy: GatePolicy,
     max_length: int,
+    prompt_layout: int,
     cache: ScoreCache,
 ) -> EvalResult | GateEvidence:
     """The evaluation stage, failing closed: candidate and parent scored on the same snapshot, the
@@ -249,7 +253,10 @@ def evaluate_candidate(
     carrying the error instead of an exception: the gate rejects on it, and the candidate is finalized
     as rejected with that reason, not lost.
     """
-    scorers = (nll_scorer(hardware, max_length), generation_scorer(hardware, max_length, policy.max_new_tokens))
+    scorers = (
+        nll_scorer(hardware, max_length, prompt_layout),
+        generation_scorer(hardware, max_length, policy.max_new_tokens, prompt_layout),
+    )
     try:
         plan = plan_for(snapshot, policy, first_version=parent_name is None)
         parent_cache = None
@@ -259,7 +266,7 @@ def evaluate_candidate(
             parent_cache = ModelScores(nll={h: v[:2] for h, v in nll.items()}, generations={h: v[2] for h, v in texts.items()})
         result = evaluate_pair(
             base, hardware, candidate_dir, parent_adapter, snapshot,
-            policy=policy, max_length=max_length, parent_cache=parent_cache, plan=plan,
+            policy=policy, max_length=max_length, prompt_layout=prompt_layout, parent_cache=parent_cache, plan=plan,
         )  # fmt: skip
         pq.write_table(result.table, candidate_dir / layout.SCORES)
     # Broad on purpose: whatever breaks evaluation must reach the gate as a recorded reason.
@@ -359,9 +366,18 @@ def _groups(table: pa.Table) -> dict[tuple[str, str], pa.Table]:
     return groups
 
 
-def nll_scorer(hardware: Hardware, max_length: int) -> str:
-    return scorer_id("nll", max_length=max_length, quantization=hardware.quantization, device=hardware.device)
+def nll_scorer(hardware: Hardware, max_length: int, prompt_layout: int) -> str:
+    return scorer_id("nll", max_length=max_length, quantization=hardware.quantization, device=hardware.device, **_layout_key(prompt_layout))
 
 
-def generation_scorer(hardware: Hardware, max_length: int, max_new_tokens: int) -> str:
-    return scorer_id("greedy", max_length=max_length, max_new_tokens=max_new_tokens, quantization=hardware.quantization, device=hardware.device)
+def generation_scorer(hardware: Hardware, max_length: int, max_new_tokens: int, prompt_layout: int) -> str:
+    return scorer_id(
+        "greedy", max_length=max_length, max_new_tokens=max_new_tokens, quantization=hardware.quantization,
+        device=hardware.device, **_layout_key(prompt_layout),
+    )  # fmt: skip
+
+
+def _layout_key(prompt_layout: int) -> dict:
+    # Layout 1 was the only one when scores were first cached: leaving it out of the id keeps those
+    # caches valid; any other layout scores different text, so it is part of the id.
+    return {} if prompt_layout == 1 else {"prompt_layout": prompt_layout}

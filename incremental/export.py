@@ -23,6 +23,7 @@ from pathlib import Path
 
 from incremental.manifest import BaseModelRef
 from incremental.files import share_with_group
+from incremental.prompting import build_prompt
 from incremental.registry import Registry
 from incremental.settings import Settings
 
@@ -84,6 +85,8 @@ def export_merged(settings: Settings, model: str, version: str, out: Path, *, ov
             "base_model": manifest.base_model.model_dump(mode="json"),
             "adapter_sha256": manifest.adapter_sha256,
             "trained_quantization": manifest.training.quantization,
+            "prompt_layout": manifest.prompt_layout,
+            "prompt_example": build_prompt("erd", "<meeting notes>", prompt_layout=manifest.prompt_layout),
             "merged_dtype": MERGED_DTYPE,
             "merged_with": "peft merge_and_unload",
             "exported_at": datetime.now(UTC).isoformat(),
@@ -161,5 +164,8 @@ def _readme(record: dict, from_4bit: bool) -> str:
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n'
         "```\n\n"
-        f"`{EXPORT_RECORD}` records the version, its base, the adapter's sha256 and the library versions.\n"
+        f"Prompt it as it was trained (prompt layout {record['prompt_layout']}): the tokenizer's BOS token, then this text "
+        "with the artifact type (`erd`, `api` or `prototype`) and the notes filled in; greedy decoding until EOS.\n\n"
+        f"```text\n{record['prompt_example']}```\n\n"
+        f"`{EXPORT_RECORD}` records the version, its base, its prompt layout, the adapter's sha256 and the library versions.\n"
     )

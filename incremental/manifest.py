@@ -18,7 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # 3: `files` (sha256 of every file), `promotion.decision` in place of `promotion.promoted`.
-MANIFEST_SCHEMA_VERSION = 3
+# 4: `prompt_layout` (absent before: layout 1, the only one there was).
+MANIFEST_SCHEMA_VERSION = 4
 
 _RECORD = ConfigDict(frozen=True, extra="allow")
 
@@ -155,6 +156,11 @@ class Manifest(BaseModel):
         "snapshot (trusted rows; all rows for a first version). Per-example values are in scores.parquet."
     )
     gate: GateRecord
+    prompt_layout: int = Field(
+        1,
+        description="The prompt layout (`prompting.py`) the adapter was trained and judged with; its children and "
+        "its server keep it. Absent in manifests of schema 3 and older, which all used layout 1.",
+    )
     promotion: PromotionRecord | None = None
     adapter_sha256: str | None = Field(None, description="sha256 of the adapter weights (also in `files`).")
     files: dict[str, str] = Field(
@@ -203,6 +209,7 @@ def draft_manifest(
     training: TrainingRecord,
     scores: dict[str, dict[str, float | None]],
     decision,
+    prompt_layout: int,
     screened_ids: tuple[str, ...] = (),
     held_ids: tuple[str, ...] = (),
     evaluation: dict | None = None,
@@ -221,6 +228,7 @@ def draft_manifest(
         status="accepted" if decision.accepted else "rejected",
         created_at=created_at,
         base_model=base,
+        prompt_layout=prompt_layout,
         run_config=config.model_dump(mode="json"),
         libraries=library_versions(),
         data=DataRecord(

@@ -61,10 +61,13 @@ def score_generations(cases: Sequence[MeetingCase], generations: Sequence[str]) 
 
 
 def quality_by_type(
-    model, tokenizer, cases: Sequence[MeetingCase], *, max_new_tokens: int = 256, batch_size: int = 8
+    model, tokenizer, cases: Sequence[MeetingCase], *, prompt_layout: int, max_new_tokens: int = 256, batch_size: int = 8
 ) -> dict[str, TypeQuality]:
-    """Greedy generations of a loaded model for every case, scored per type (see `score_generations`).
+    """Greedy generations of a loaded model (prompted in its version's `prompt_layout`) for every case, scored
+    per type (see `score_generations`).
     The texts do not depend on `batch_size` (tests/integration/test_serving.py); larger is faster on CPU."""
     prompts = [(c.artifact_type, c.notes) for c in cases]
-    texts = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = generate_greedy(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, prompt_layout=prompt_layout, batch_size=batch_size
+    )
     return score_generations(cases, texts)

@@ -32,6 +32,7 @@ from incremental import layout
 from incremental.errors import RegistryError
 from incremental.files import share_with_group
 from incremental.manifest import BaseModelRef, Manifest, PromotionRecord
+from incremental.prompting import LATEST_LAYOUT
 
 __all__ = ["FinalizeResult", "PromotionState", "Registry", "Reservation", "RollbackResult", "VersionInfo"]
 
@@ -111,6 +112,8 @@ class ParentVersion:
     lineage: tuple[str, ...]
     base: BaseModelRef | None
     accepted_at: datetime | None = None  # feedback that arrived by then is trusted for judging its children
+    # The prompt layout the lineage was trained with; its children keep it. Base Mode: the one a new lineage starts with.
+    prompt_layout: int = LATEST_LAYOUT
 
 
 @dataclass(frozen=True)
@@ -535,12 +538,13 @@ class Registry:
             cursor = info.manifest.parent
         return chain
 
-    def parent(self) -> ParentVersion:
-        """What the next training builds on: the current accepted version with its lineage, base and
-        acceptance time, read from the folder tree (Base Mode: all None)."""
+    def parent(self, new_lineage_layout: int = LATEST_LAYOUT) -> ParentVersion:
+        """What the next training builds on: the current accepted version with its lineage, base,
+        acceptance time and prompt layout, read from the folder tree (Base Mode: all None, and the
+        layout a new lineage starts with, `new_lineage_layout`)."""
         name = self.current()
         if name is None:
-            return ParentVersion(name=None, adapter_dir=None, lineage=(), base=None)
+            return ParentVersion(name=None, adapter_dir=None, lineage=(), base=None, prompt_layout=new_lineage_layout)
         version = self.get(name)
         return ParentVersion(
             name=name,
@@ -548,6 +552,7 @@ class Registry:
             lineage=tuple(self.lineage(name)),
             base=version.manifest.base_model,
             accepted_at=version.manifest.finalized_at,
+            prompt_layout=version.manifest.prompt_layout,
         )
 
     def adapter_dir(self, name: str) -> Path:

@@ -61,9 +61,9 @@ def scorer_id(kind: str, **settings) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def score_nll(model, tokenizer, tasks, notes, targets, *, max_length: int, batch_size: int = 16) -> NllScores:
-    """Summed NLL of each target given its prompt, one forward pass per length-sorted batch."""
-    examples = encode_examples(tokenizer, tasks, notes, targets, max_length)
+def score_nll(model, tokenizer, tasks, notes, targets, *, max_length: int, prompt_layout: int, batch_size: int = 16) -> NllScores:
+    """Summed NLL of each target given its prompt (in `prompt_layout`), one forward pass per length-sorted batch."""
+    examples = encode_examples(tokenizer, tasks, notes, targets, max_length, prompt_layout=prompt_layout)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     nll_sum = np.zeros(len(examples))
     n_tokens = np.zeros(len(examples), dtype=np.int64)
@@ -99,7 +99,7 @@ def score_nll(model, tokenizer, tasks, notes, targets, *, max_length: int, batch
 
 
 def score_triples(
-    model, tokenizer, triples: Sequence[Triple], *, max_length: int, cached: Mapping[str, tuple] | None = None
+    model, tokenizer, triples: Sequence[Triple], *, max_length: int, prompt_layout: int, cached: Mapping[str, tuple] | None = None
 ) -> dict[str, tuple[float, int]]:
     """{triple_hash: (nll_sum, n_tokens)} for every distinct triple; those in `cached` are not scored again."""
     cached = cached or {}
@@ -108,25 +108,28 @@ def score_triples(
     missing = [h for h in wanted if h not in result]
     if missing:
         tasks, notes, targets = zip(*(wanted[h] for h in missing))
-        scores = score_nll(model, tokenizer, list(tasks), list(notes), list(targets), max_length=max_length)
+        scores = score_nll(
+            model, tokenizer, list(tasks), list(notes), list(targets), max_length=max_length, prompt_layout=prompt_layout
+        )
         for h, nll, n in zip(missing, scores.nll_sum, scores.n_tokens):
             result[h] = (float(nll), int(n))
     return result
 
 
-def prompt_ids(tokenizer, task: str, notes: str) -> list[int]:
-    """Token ids of a generation prompt: BOS, then the prompt layout training uses.
+def prompt_ids(tokenizer, task: str, notes: str, *, prompt_layout: int) -> list[int]:
+    """Token ids of a generation prompt: BOS, then the prompt in `prompt_layout`, as training lays it out.
 
     Notes may contain "<s>" or "</s>" (HTML strikethrough): they are text, never the special tokens.
     """
-    ids = tokenizer(build_prompt(task, notes), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    text = build_prompt(task, notes, prompt_layout=prompt_layout)
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
 
 
 def generate_greedy(
-    model, tokenizer, prompts: Sequence[tuple[str, str]], *, max_new_tokens: int, batch_size: int = 8
+    model, tokenizer, prompts: Sequence[tuple[str, str]], *, max_new_tokens: int, prompt_layout: int, batch_size: int = 8
 ) -> list[str]:
-    """Greedy completions of (task, notes) prompts, decoded without special tokens, in input order.
+    """Greedy completions of (task, notes) prompts in `prompt_layout`, decoded without special tokens, in input order.
 
     The one decoder: serving (one request at a time), the gate's generation metrics and the quality
     reports all generate through it, so what the gate judges is what users are served. Prompts are
@@ -137,7 +140,7 @@ def generate_greedy(
     if not prompts:
         return []
     device = next(model.parameters()).device
-    encoded = [prompt_ids(tokenizer, task, notes) for task, notes in prompts]
+    encoded = [prompt_ids(tokenizer, task, notes, prompt_layout=prompt_layout) for task, notes in prompts]
     # Similar lengths share a batch: less padding, and the order of requests does not change a text.
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

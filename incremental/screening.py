@@ -129,11 +129,13 @@ def screen_rows(
     policy: ScreeningPolicy,
     *,
     max_length: int,
+    prompt_layout: int,
     partners: int = 4,
     cached: Mapping[str, tuple] | None = None,
     raters: Mapping[str | None, RaterStanding] | None = None,
 ) -> ScreeningResult:
-    """Score `new` (id, artifact_type, prompt, target, source and, if present, rater) with the parent;
+    """Score `new` (id, artifact_type, prompt, target, source and, if present, rater) with the parent,
+    prompts in the parent's `prompt_layout`;
     `reference` are unseen trusted rows; `raters` is what is known of each rater (none: nothing).
 
     Partner notes are the oldest reference rows' (the batch's own when there are none), as in
@@ -147,7 +149,7 @@ def screen_rows(
     refs = reference.select(["id", "artifact_type", "prompt", "target"]).to_pylist()
     partners_of = _partner_function(rows, refs, partners)
     triples = screening_triples(new, reference, partners)
-    scores = score_triples(model, tokenizer, triples, max_length=max_length, cached=cached)
+    scores = score_triples(model, tokenizer, triples, max_length=max_length, prompt_layout=prompt_layout, cached=cached)
 
     def per_token(task: str, notes: str, target: str) -> float:
         nll, n = scores[triple_hash(task, notes, target)]

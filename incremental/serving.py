@@ -73,6 +73,7 @@ class LoadedModel:
     mode: Literal["base", "incremental"]
     version: str | None
     base: BaseModelRef
+    prompt_layout: int  # the version's (`Manifest.prompt_layout`); the base model alone: Settings.prompt_layout
 
 
 @dataclass(frozen=True)
@@ -96,15 +97,16 @@ def load_model(model: str | None = None, settings: Settings | None = None, *, ve
     target, pinned = _target(registry, version)
     network, tokenizer, base = _load(registry, settings, target, pinned=pinned)
     return LoadedModel(
-        model=network, tokenizer=tokenizer, mode="incremental" if target else "base", version=target, base=base.ref
-    )
+        model=network, tokenizer=tokenizer, mode="incremental" if target else "base", version=target, base=base.ref,
+        prompt_layout=_layout_of(registry, target, settings),
+    )  # fmt: skip
 
 
 def generate_artifact(
     loaded: LoadedModel, artifact_type: str, notes: str, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 ) -> str:
     """Greedy decoding of one artifact from meeting notes (deterministic, so outputs can be compared)."""
-    return _decode(loaded.model, loaded.tokenizer, artifact_type, notes, max_new_tokens)
+    return _decode(loaded.model, loaded.tokenizer, artifact_type, notes, max_new_tokens, loaded.prompt_layout)
 
 
 def generate(
@@ -168,6 +170,7 @@ class Generator:
         self._network, self._tokenizer, base = _load(self._registry, settings, target, pinned=pinned, adapter_name=target)
         self._base = base.ref
         self._version = target
+        self._layout = _layout_of(self._registry, target, settings)
         self.last_error: str | None = None
 
     @property
@@ -191,7 +194,7 @@ class Generator:
         with self._lock:
             version = self._version
             apply_threads(self.settings)  # torch keeps the thread count per thread; requests come on many
-            output = _decode(self._network, self._tokenizer, artifact_type, notes, max_new_tokens)
+            output = _decode(self._network, self._tokenizer, artifact_type, notes, max_new_tokens, self._layout)
         generation = Generation(
             model=self.model, version=version, artifact_type=artifact_type, notes=notes, output=output,
             decoding={"do_sample": False, "max_new_tokens": max_new_tokens},
@@ -250,7 +253,7 @@ class Generator:
             with self._lock:
                 if isinstance(self._network, PeftModel):
                     self._network = self._network.unload()  # the base's own modules back, every adapter gone
-                self._version = None
+                self._version, self._layout = None, self.settings.prompt_layout
             log.info("[INCREMENTAL] 🔁 Serving the base model (was %s)", _label(previous))
             return
         info = self._registry.get(target)
@@ -270,7 +273,7 @@ class Generator:
             if previous is not None:
                 network.delete_adapter(previous)
             network.eval()
-            self._network, self._version = network, target
+            self._network, self._version, self._layout = network, target, info.manifest.prompt_layout
         log.info("[INCREMENTAL] 🔁 Serving %s (was %s)", target, _label(previous))
 
 
@@ -363,16 +366,23 @@ def _remove_tuner_layers(model: torch.nn.Module) -> None:
         del model.peft_config
 
 
-def _decode(network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes: str, max_new_tokens: int) -> str:
-    """One request through the one decoder (`scoring.generate_greedy`), after checking it fits the context."""
-    n_prompt = len(prompt_ids(tokenizer, artifact_type, notes))
+def _layout_of(registry: Registry, target: str | None, settings: Settings) -> int:
+    """The prompt layout `target` was trained with; the base model alone is prompted as a first version
+    would be trained (`settings.prompt_layout`)."""
+    return settings.prompt_layout if target is None else registry.get(target).manifest.prompt_layout
+
+
+def _decode(network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes: str, max_new_tokens: int, prompt_layout: int) -> str:
+    """One request through the one decoder (`scoring.generate_greedy`), prompted in the version's
+    `layout`, after checking it fits the context."""
+    n_prompt = len(prompt_ids(tokenizer, artifact_type, notes, prompt_layout=prompt_layout))
     context = getattr(network.config, "max_position_embeddings", None)
     if context is not None and n_prompt + max_new_tokens > context:
         raise GenerationRequestError(
             f"notes: {n_prompt} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context of "
             f"{context} tokens; shorten the notes or lower max_new_tokens"
         )
-    return generate_greedy(network, tokenizer, [(artifact_type, notes)], max_new_tokens=max_new_tokens)[0]
+    return generate_greedy(network, tokenizer, [(artifact_type, notes)], max_new_tokens=max_new_tokens, prompt_layout=prompt_layout)[0]
 
 
 def _pointer_stamp(path: Path) -> tuple[int, int, int, int] | None:

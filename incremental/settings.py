@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from incremental.prompting import LATEST_LAYOUT, PROMPT_LAYOUTS
+
 EMBEDDED_BASE = "embedded"
 
 
@@ -67,6 +69,21 @@ class Settings(BaseSettings):
         description="Who rates on this machine: the rater `incremental rate` and `incremental feedback add` record "
         "when no --rater is given; unset: the login name. The feedback store checks it like any row's rater.",
     )
+
+    prompt_layout: int = Field(
+        LATEST_LAYOUT,
+        description="The prompt layout (incremental/prompting.py) a new lineage starts with: its first version, trained "
+        "from the base, and the base model served in Base Mode. A lineage keeps the layout it started with. 2 (the "
+        "latest) names the artifact type right before the output; 1 only in the first line. Set 1 when an app outside "
+        "this project builds layout-1 prompts itself.",
+    )
+
+    @field_validator("prompt_layout")
+    @classmethod
+    def _known_layout(cls, value: int) -> int:
+        if value not in PROMPT_LAYOUTS:
+            raise ValueError(f"INCREMENTAL_PROMPT_LAYOUT={value}: use one of {', '.join(map(str, PROMPT_LAYOUTS))}")
+        return value
 
     @field_validator("embedded_cache_dir", "db_path", "models_root")
     @classmethod

@@ -507,15 +507,15 @@ def generate_cases(n: int, seed: int, artifact_types: Sequence[str] = ARTIFACT_T
     return cases
 
 
-def related_task_pairs(n: int, seed: int, tasks: Sequence[str] = RELATED_TASKS) -> list[tuple[str, str]]:
+def related_task_pairs(n: int, seed: int, tasks: Sequence[str] = RELATED_TASKS, *, prompt_layout: int) -> list[tuple[str, str]]:
     """`n` (prompt, target) pairs of related tasks (notes -> outline of entities and relations), the
-    tasks taking turns; the prompt's task header names each pair's task."""
+    tasks taking turns; the prompt (in `prompt_layout`) names each pair's task."""
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in RELATED_TASKS]
     if not tasks or unknown:
         raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {RELATED_TASKS}")
     return [
-        (build_prompt(tasks[i % len(tasks)], notes), _RENDERERS[tasks[i % len(tasks)]](spec))
+        (build_prompt(tasks[i % len(tasks)], notes, prompt_layout=prompt_layout), _RENDERERS[tasks[i % len(tasks)]](spec))
         for i, (spec, notes, _) in enumerate(_draw(n, seed, SUMMARY_TASK))
     ]
 

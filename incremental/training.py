@@ -67,11 +67,14 @@ def train_candidate(
     config: RunConfig,
     output_dir: Path,
     *,
+    prompt_layout: int,
     progress: ProgressFn | None = None,
     show_progress_bar: bool = True,
     peak_cache: Path | None = None,
 ) -> TrainingRecord:
     """Load base (+ parent adapter, trainable), train on the snapshot's train split, save the adapter.
+
+    `prompt_layout`: the prompt layout of the lineage (the parent's; the latest for a first version).
 
     `peak_cache`: the JSON file that keeps the device's measured peak between processes (see
     `train_adapter`)."""
@@ -93,7 +96,7 @@ def train_candidate(
     name_base_in_adapter(model, base)
     if parent_adapter is not None:
         log.info("[INCREMENTAL] ✅ Successfully loaded fine-tuned model! Continuing %s", parent_name)
-    dataset, n_truncated = tokenize_train(snapshot.read_train(), tokenizer, config.train.max_length)
+    dataset, n_truncated = tokenize_train(snapshot.read_train(), tokenizer, config.train.max_length, prompt_layout=prompt_layout)
     result = train_adapter(
         model,
         tokenizer,

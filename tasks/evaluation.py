@@ -43,5 +43,6 @@ def evaluate_candidate(
         snapshot=snapshot,
         policy=config.gate,
         max_length=config.train.max_length,
+        prompt_layout=parent.prompt_layout,
         cache=open_store(settings),
     )

@@ -15,8 +15,8 @@ from tasks.feedback import open_store
 
 @task(name="resolve-parent", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def resolve_parent(settings: Settings, model: str) -> ParentVersion:
-    """The current accepted version (read from the folder tree), its lineage and its base model."""
-    return Registry(settings.models_root, model).parent()
+    """The current accepted version (read from the folder tree), its lineage, base model and prompt layout."""
+    return Registry(settings.models_root, model).parent(new_lineage_layout=settings.prompt_layout)
 
 
 @task(name="reserve-version", cache_policy=NO_CACHE)

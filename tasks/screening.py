@@ -27,7 +27,7 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersio
     hardware = Hardware.from_settings(settings)
     max_length = config.train.max_length
     reference = collected.eval.filter(pc.field("trusted"))
-    store, scorer = open_store(settings), nll_scorer(hardware, max_length)
+    store, scorer = open_store(settings), nll_scorer(hardware, max_length, parent.prompt_layout)
     cached = {}
     # The batch's own eval rows are screened too: held ones never become trusted evidence later.
     # Rows a person released are not screened again: the release is their decision (DESIGN invariant 5).
@@ -46,7 +46,7 @@ def screen_new_rows(settings: Settings, base: ResolvedBase, parent: ParentVersio
     raters = {rater: standing(record, policy) for rater, record in store.rater_records(collected.model).items()}
     result = screen_rows(
         model, tokenizer, batch, reference, policy,
-        max_length=max_length, partners=partners, cached=cached, raters=raters,
+        max_length=max_length, prompt_layout=parent.prompt_layout, partners=partners, cached=cached, raters=raters,
     )  # fmt: skip
     if parent.name is not None:
         store.cache_scores(collected.model, parent.name, scorer, {h: (*v, None) for h, v in result.scores.items() if h not in cached})

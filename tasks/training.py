@@ -61,7 +61,7 @@ def train_candidate(
         # torchrun starts the ranks; their progress lines come back into this run's logs.
         return train_distributed(
             base, hardware, parent.name, parent.adapter_dir, snapshot, config, output_dir,
-            processes=settings.train_processes, threads=threads, peak_cache=peak_cache,
+            prompt_layout=parent.prompt_layout, processes=settings.train_processes, threads=threads, peak_cache=peak_cache,
         )  # fmt: skip
     return train_candidate_stage(
         base,
@@ -71,6 +71,7 @@ def train_candidate(
         snapshot,
         config,
         output_dir,
+        prompt_layout=parent.prompt_layout,
         progress=report,
         # The run's logs get a line per logging step (loss, tokens/s, ETA); a terminal bar would
         # interleave with them and never reach the Prefect UI.

@@ -15,6 +15,7 @@ from incremental.gate import Verdict, decide
 from incremental.manifest import BaseModelRef
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base, load_scoring_model
 from incremental.screening import screen_rows
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import case_table, eval_table
 
@@ -33,7 +34,7 @@ def test_evidence_and_screening_on_cuda_4bit(small_base, tmp_path):
         tmp_path / "data"
     )
     for parent in (tmp_path / "adapter", None):
-        result = evaluate_pair(base, GPU_4BIT, tmp_path / "adapter", parent, snapshot, policy=POLICY, max_length=320)
+        result = evaluate_pair(base, GPU_4BIT, tmp_path / "adapter", parent, snapshot, policy=POLICY, max_length=320, prompt_layout=LATEST_LAYOUT)
         candidate = result.table.column("candidate").to_numpy()
         parent_values = result.table.column("parent").to_numpy()
         assert np.all(np.isfinite(candidate)) and np.all(np.isfinite(parent_values))
@@ -43,5 +44,5 @@ def test_evidence_and_screening_on_cuda_4bit(small_base, tmp_path):
 
     model, tokenizer = load_scoring_model(base, GPU_4BIT, {"parent": tmp_path / "adapter"})
     batch = case_table(10, 4).append_column("source", pa.array(["gpu"] * 10))
-    screened = screen_rows(model, tokenizer, batch, eval_table(12, 2, trusted=True), ScreeningPolicy(), max_length=320)
+    screened = screen_rows(model, tokenizer, batch, eval_table(12, 2, trusted=True), ScreeningPolicy(), max_length=320, prompt_layout=LATEST_LAYOUT)
     assert len(screened.rows) == 10 and all(np.isfinite(row.nll) for row in screened.rows)

@@ -11,6 +11,7 @@ from incremental.dataset import encode_examples
 from incremental.modeling import Hardware, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.synthetic import generate_cases
 from incremental.training import train_adapter
+from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU_4BIT = Hardware(device="cuda", quantization="4bit")
@@ -19,7 +20,7 @@ GPU_4BIT = Hardware(device="cuda", quantization="4bit")
 def examples(tokenizer, n, seed):
     cases = generate_cases(n, seed)
     encoded = encode_examples(
-        tokenizer, [c.artifact_type for c in cases], [c.notes for c in cases], [c.artifact for c in cases], 320
+        tokenizer, [c.artifact_type for c in cases], [c.notes for c in cases], [c.artifact for c in cases], 320, prompt_layout=LATEST_LAYOUT
     )
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 

@@ -16,6 +16,7 @@ from incremental.config import LLAMA_PROJECTIONS, LoraSettings, TrainSettings
 from incremental.dataset import encode_examples, tokenize_train
 from incremental.modeling import Hardware, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.training import train_adapter
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import case_table
 
@@ -35,7 +36,7 @@ def setup(small_base):
     ).eval()
     table = case_table(N, seed=5)
     examples = encode_examples(
-        tokenizer, table["artifact_type"].to_pylist(), table["prompt"].to_pylist(), table["target"].to_pylist(), 320
+        tokenizer, table["artifact_type"].to_pylist(), table["prompt"].to_pylist(), table["target"].to_pylist(), 320, prompt_layout=LATEST_LAYOUT
     )
     features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     lengths = [len(f["input_ids"]) for f in features]
@@ -132,7 +133,7 @@ def test_a_run_in_each_mode_trains_on_every_target_once_per_epoch(small_base, tm
     monkeypatch.setattr(TokenBudgetBatchSampler, "set_epoch", lambda self, epoch: epochs.append(epoch) or setattr(self, "epoch", epoch))
     tokenizer = load_tokenizer(str(small_base))
     model = attach_trainable_adapter(load_base(str(small_base), None, CPU), None, LoraSettings(r=4, alpha=8), CPU)
-    dataset, _ = tokenize_train(case_table(24, seed=3), tokenizer, 320)
+    dataset, _ = tokenize_train(case_table(24, seed=3), tokenizer, 320, prompt_layout=LATEST_LAYOUT)
     settings = TrainSettings(epochs=2, batch_size=8, learning_rate=5e-3, max_length=320, batching=mode)
     result = train_adapter(model, tokenizer, dataset, settings, tmp_path / "out", device="cpu", show_progress_bar=False)
     targets = sum(sum(label != -100 for label in row) for row in dataset["labels"])

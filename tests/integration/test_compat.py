@@ -159,7 +159,8 @@ def trained(tmp_path_factory, small_base):
     reservation = registry.reserve(None)
     fast = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, max_length=320)
     record = train_candidate(
-        base, CPU, None, None, snapshot, RunConfig(train=fast), reservation.staging_dir, show_progress_bar=False
+        base, CPU, None, None, snapshot, RunConfig(train=fast), reservation.staging_dir,
+        prompt_layout=1, show_progress_bar=False,  # manifest_for records no layout: 1, as schema 3 did
     )
     write_scores(reservation.staging_dir)
     result = registry.finalize(reservation, manifest_for(reservation.name, None, reservation.created_at, base.ref, record))
@@ -246,6 +247,9 @@ def test_export_merged_loads_with_plain_transformers_and_equals_base_plus_adapte
         "id": "embedded",
         "revision": Path(trained["base"].source).name,
     }
+    # How to prompt it is written down, in the version's layout (the fixture's manifest is of schema 3 style: layout 1).
+    assert record["prompt_layout"] == 1 and record["prompt_example"].startswith("### Task: erd\n")
+    assert record["prompt_example"] in (out / "README.md").read_text()
 
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert next(merged.parameters()).dtype == torch.float32

@@ -25,6 +25,7 @@ from incremental.errors import ConfigurationError, RegistryError
 from incremental.modeling import Hardware, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.registry import Registry
 from incremental.serving import generate_artifact, load_model
+from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
@@ -140,7 +141,7 @@ def test_special_token_strings_in_feedback_are_text_never_the_special_ids(small_
     # What the fix prevents: by default the tokenizer reads these strings as the special tokens.
     assert special & set(tokenizer(target, add_special_tokens=False).input_ids)
 
-    (example,) = encode_examples(tokenizer, ["prototype"], [notes], [target], max_length=512)
+    (example,) = encode_examples(tokenizer, ["prototype"], [notes], [target], max_length=512, prompt_layout=LATEST_LAYOUT)
     ids, labels = example.input_ids, example.labels
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id  # the ones the code adds stay
     assert not special & set(ids[1:-1])

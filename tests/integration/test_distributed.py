@@ -18,6 +18,7 @@ from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.manifest import BaseModelRef
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base
 from incremental.training import adapter_digest, train_candidate
+from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
@@ -42,7 +43,7 @@ def test_two_ranks_train_one_adapter_and_rank_0_alone_writes_it(small_base, tmp_
 
     # Each rank took half the batches of an epoch: 24 rows in batches of 4 per rank is 3 optimizer steps,
     # and the throughput counts both ranks' tokens (the same tokens one process trains on).
-    single = train_candidate(base, CPU, None, None, snapshot, CONFIG, tmp_path / "one", show_progress_bar=False)
+    single = train_candidate(base, CPU, None, None, snapshot, CONFIG, tmp_path / "one", prompt_layout=LATEST_LAYOUT, show_progress_bar=False)
     assert (record.steps, single.steps) == (3, 6)
     assert record.target_tokens == single.target_tokens and record.tokens_per_second > 0
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import incremental.embedded as embedded
-from incremental.embedded import MARKER, EmbeddedBaseSpec, ensure_embedded_base
-from incremental.prompting import build_prompt
+from incremental.embedded import MARKER, PRETRAIN_LAYOUT, EmbeddedBaseSpec, ensure_embedded_base
+from incremental.prompting import PROMPT_LAYOUTS, build_prompt
 from incremental.synthetic import RELATED_TASKS, generate_cases, related_task_pairs
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def test_loads_with_auto_classes(built):
     assert tokenizer("hi").input_ids[0] == tokenizer.bos_token_id, "a prompt starts with bos, as Llama's does"
     assert tokenizer("hi", add_special_tokens=False).input_ids[0] != tokenizer.bos_token_id
     assert not list(built.glob("*.bin")) and list(built.glob("*.safetensors")), "weights are safetensors only"
-    ids = tokenizer(build_prompt("erd", "A member has a name."), return_tensors="pt").input_ids
+    ids = tokenizer(build_prompt("erd", "A member has a name.", prompt_layout=PRETRAIN_LAYOUT), return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, ids.shape[1], TINY.vocab_size)
 
@@ -153,8 +153,8 @@ def test_default_tokenizer_keeps_sequences_short():
     assert 20 <= sum(notes) / len(notes) <= 60 and max(notes) <= 90
     for case in cases:
         assert length(case.artifact) <= 180
-        assert 2 + length(build_prompt(case.artifact_type, case.notes)) + length(case.artifact) < 320
-    assert max(2 + length(p) + length(t) for p, t in related_task_pairs(300, 42)) < 320
+        assert 2 + max(length(build_prompt(case.artifact_type, case.notes, prompt_layout=n)) for n in PROMPT_LAYOUTS) + length(case.artifact) < 320
+    assert max(2 + length(p) + length(t) for p, t in related_task_pairs(300, 42, prompt_layout=PRETRAIN_LAYOUT)) < 320
     bytes_per_token = sum(len(c.notes.encode()) for c in cases) / sum(notes)
     assert bytes_per_token >= 3, "the BPE should make notes several times shorter than bytes"
 

@@ -14,6 +14,7 @@ from incremental.evaluation import evaluate_pair, evidence_from_table
 from incremental.gate import decide
 from incremental.manifest import BaseModelRef
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import case_table, eval_table
 
@@ -39,7 +40,7 @@ def untrained(small_base, tmp_path):
 def test_slices_scores_and_cache(small_base, untrained, tmp_path):
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     snapshot = snapshot_with(tmp_path / "data", trusted=10, new=6)
-    first = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320)
+    first = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320, prompt_layout=LATEST_LAYOUT)
     table = first.table.to_pylist()
     assert {row["slice"] for row in table} == {"regression", "new"}
     assert {row["metric"] for row in table} >= {"target_nll", "prompt_gain", "artifact_validity", "content_f1"}
@@ -55,7 +56,7 @@ def test_slices_scores_and_cache(small_base, untrained, tmp_path):
     assert len(set(judged_types)) > 1 and len(generated_types) > POLICY.generation_rows
 
     # The parent's scores from the first run make the second one compute none of them.
-    second = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320, parent_cache=first.parent)
+    second = evaluate_pair(base, CPU, untrained, untrained, snapshot, policy=POLICY, max_length=320, prompt_layout=LATEST_LAYOUT, parent_cache=first.parent)
     assert first.parent_scored > 0 and second.parent_scored == 0 and second.parent_cached == first.parent_scored
     assert second.table.column("parent").to_pylist() == pytest.approx(first.table.column("parent").to_pylist())
 
@@ -68,7 +69,7 @@ def test_slices_scores_and_cache(small_base, untrained, tmp_path):
 def test_first_version_is_judged_on_all_rows_against_the_base(small_base, untrained, tmp_path):
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     snapshot = snapshot_with(tmp_path / "data", trusted=0, new=9)
-    result = evaluate_pair(base, CPU, untrained, None, snapshot, policy=POLICY, max_length=320)
+    result = evaluate_pair(base, CPU, untrained, None, snapshot, policy=POLICY, max_length=320, prompt_layout=LATEST_LAYOUT)
     assert set(result.table.column("slice").to_pylist()) == {"all"}
     assert result.evidence.first_version
     values = result.table.column("candidate").to_numpy() - result.table.column("parent").to_numpy()
@@ -86,7 +87,7 @@ def test_crashed_evaluation_rejects_with_the_reason(small_base, tmp_path):
     store.init()
     evidence = evaluate_candidate(
         base, CPU, model_name="tiny", candidate_dir=tmp_path / "no-such-adapter", candidate_name="v1_20250101_000000",
-        parent_name=None, parent_adapter=None, snapshot=snapshot, policy=GatePolicy(), max_length=320, cache=store,
+        parent_name=None, parent_adapter=None, snapshot=snapshot, policy=GatePolicy(), max_length=320, prompt_layout=LATEST_LAYOUT, cache=store,
     )  # fmt: skip
     assert evidence.error is not None
     decision = decide(evidence, GatePolicy())

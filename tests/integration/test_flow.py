@@ -7,13 +7,17 @@ import json
 import threading
 import time
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from incremental.config import DataSettings, GatePolicy, MetricRule, RunConfig, ScreeningPolicy, TrainSettings
-from incremental.layout import STAGING_DIR
+from incremental.layout import MANIFEST, STAGING_DIR
+from incremental.prompting import LATEST_LAYOUT
+from incremental.scoring import generate_greedy
+from incremental.serving import generate_artifact
 from incremental.registry import Registry
 from incremental.evaluation import evidence_from_table
 from incremental.gate import decide
@@ -100,6 +104,47 @@ def test_loop_end_to_end(prefect_api, env, store):
         assert window["eval_rows_scored"] == len(version.manifest.data.eval_ids)
 
 
+def test_a_lineage_keeps_the_prompt_layout_it_was_trained_with(prefect_api, env, store):
+    """A version written before prompt layouts were recorded (no `prompt_layout` in its manifest: layout 1)
+    is continued, judged and served in layout 1; a lineage started now takes the latest layout."""
+    from incremental.evaluation import generation_scorer, nll_scorer
+    from incremental.modeling import Hardware
+    from incremental.serving import load_model
+
+    registry = Registry(env.models_root, "tiny")
+    store.add_many(synthetic_feedback(40, 1, model="tiny"))
+    first = retrain(config=FAST)
+    if registry.current() != first.version:  # the gate's verdict on the small test base is not what this test is about
+        registry.rollback(first.version, force=True, reason="the test continues v1 whatever the gate said")
+    assert registry.get(first.version).manifest.prompt_layout == LATEST_LAYOUT != 1
+    # As an older release wrote it (the manifest is not among the files it hashes).
+    path = registry.root / first.version / MANIFEST
+    old = json.loads(path.read_text())
+    del old["prompt_layout"]
+    old["schema_version"] = 3
+    path.write_text(json.dumps(old))
+    assert registry.parent().prompt_layout == 1
+
+    store.add_many(synthetic_feedback(30, 2, model="tiny"))
+    second = retrain(config=FAST)
+    child = registry.get(second.version).manifest
+    assert child.parent == first.version and child.prompt_layout == 1
+    # Judged in layout 1: candidate and parent were scored with the layout-1 scorers (v1 also has the
+    # latest layout's scores, from when it was a candidate itself).
+    hardware, length, tokens = Hardware.from_settings(env), FAST.train.max_length, FAST.gate.max_new_tokens
+    layout_1 = {nll_scorer(hardware, length, 1), generation_scorer(hardware, length, tokens, 1)}
+    with duckdb.connect(str(env.db_path), read_only=True) as con:
+        rows = con.execute("SELECT DISTINCT version, scorer FROM score_cache").fetchall()
+    assert {scorer for version, scorer in rows if version == second.version} == layout_1
+    assert layout_1 <= {scorer for version, scorer in rows if version == first.version}
+    # Served in layout 1: what serving returns is layout-1 greedy decoding of that adapter.
+    loaded = load_model("tiny", env, version=second.version)
+    assert loaded.prompt_layout == 1
+    notes = "The clinic books appointments for patients; each appointment has a time and a room."
+    served = generate_greedy(loaded.model, loaded.tokenizer, [("erd", notes)], max_new_tokens=24, prompt_layout=1)[0]
+    assert generate_artifact(loaded, "erd", notes, max_new_tokens=24) == served
+
+
 def test_feedback_committed_during_a_run_is_learned_by_the_next(prefect_api, env, store):
     store.add_many(synthetic_feedback(40, 11, model="tiny"))
     staging = env.models_root / "tiny" / STAGING_DIR
@@ -125,7 +170,8 @@ def test_an_undecided_batch_waits_for_more_evidence_and_only_rows_it_did_not_set
     registry = Registry(env.models_root, "tiny")
     store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(60, 31, model="tiny"))])
     first = retrain(config=FAST)
-    assert first.status == "accepted", first.reasons
+    if registry.current() != first.version:  # the gate's verdict on the small test base is not what this test is about
+        registry.rollback(first.version, force=True, reason="the test continues v1 whatever the gate said")
 
     # Too few trusted rows to decide (deterministically undecided): the parent stays, nothing is held.
     undecided = FAST.model_copy(update={"gate": FAST.gate.model_copy(update={"min_eval_examples": 10_000, "max_waits": 1})})
@@ -165,7 +211,8 @@ def test_a_batch_the_gate_blames_is_held_until_released(prefect_api, env, store)
     registry = Registry(env.models_root, "tiny")
     store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(60, 21, model="tiny"))])
     first = retrain(config=FAST)
-    assert first.status == "accepted", first.reasons
+    if registry.current() != first.version:  # the gate's verdict on the small test base is not what this test is about
+        registry.rollback(first.version, force=True, reason="the test continues v1 whatever the gate said")
 
     # Filler text rated good as every artifact, trained hard: the model unlearns the artifacts, and
     # the trusted rows (day 1's eval rows) show it while the batch's own eval rows look better.

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from incremental.config import RunConfig
 from incremental.feedback import FeedbackStore
 from incremental.gate import GateEvidence, PairedScores, decide
+from incremental.prompting import LATEST_LAYOUT
 from incremental.history_report import (
     CHART_SIZE_PX,
     chart_figure,
@@ -117,7 +118,7 @@ def _make_version(registry, store, parent, *, at, new, replay, eval_ids, regress
     manifest = draft_manifest(
         name=reservation.name, model=MODEL, parent=parent, created_at=reservation.created_at,
         base=BaseModelRef(id="embedded", revision="0" * 40), config=config, snapshot=snapshot, training=training,
-        scores=scores, decision=decision, screened_ids=tuple(screened), held_ids=tuple(held),
+        scores=scores, decision=decision, prompt_layout=LATEST_LAYOUT, screened_ids=tuple(screened), held_ids=tuple(held),
     )  # fmt: skip
     store.record_consumption(MODEL, reservation.name, new_ids=new, replay_ids=replay)
     if screened:

@@ -17,6 +17,7 @@ from incremental.layout import ADAPTER_WEIGHTS
 from incremental.modeling import Hardware, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.synthetic import generate_cases
 from incremental.training import train_adapter
+from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = pytest.mark.integration
 CPU_4BIT = Hardware(device="cpu", quantization="4bit")
@@ -28,7 +29,7 @@ STEP = TrainSettings(epochs=2, batch_size=8, learning_rate=1e-2, warmup_ratio=0.
 def examples(tokenizer, n: int, seed: int) -> list[dict]:
     cases = generate_cases(n, seed)
     encoded = encode_examples(
-        tokenizer, [c.artifact_type for c in cases], [c.notes for c in cases], [c.artifact for c in cases], 256
+        tokenizer, [c.artifact_type for c in cases], [c.notes for c in cases], [c.artifact for c in cases], 256, prompt_layout=LATEST_LAYOUT
     )
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 

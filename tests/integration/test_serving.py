@@ -28,6 +28,7 @@ from incremental.modeling import Hardware, ResolvedBase, load_base, load_scoring
 from incremental.registry import Registry
 from incremental.scoring import generate_greedy
 from incremental.serving import BASE, GenerationRequestError, Generator
+from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
@@ -198,7 +199,7 @@ def test_the_gate_judges_what_users_are_served(env, env_store, small_base):
         ResolvedBase(registry.get(v1).manifest.base_model, str(small_base)), CPU, {"candidate": version_dir, "parent": version_dir}
     )
     scoring_model.set_adapter("candidate")
-    batched = generate_greedy(scoring_model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
+    batched = generate_greedy(scoring_model, tokenizer, prompts, max_new_tokens=24, prompt_layout=LATEST_LAYOUT, batch_size=4)
     assert batched == served
     assert len(set(served)) > 1  # the notes lead somewhere different: the comparison is not of empty strings
 

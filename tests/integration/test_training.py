@@ -20,6 +20,7 @@ from incremental.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from incremental.modeling import Hardware, ResolvedBase, attach_trainable_adapter, load_base, load_tokenizer
 from incremental.manifest import BaseModelRef
 from incremental.training import train_adapter, train_candidate
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import case_table as rows
 from conftest import eval_table
@@ -31,7 +32,7 @@ FAST = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, max_length=320)
 
 def batch_loss(model, tokenizer, table: pa.Table) -> float:
     examples = encode_examples(
-        tokenizer, table["artifact_type"].to_pylist(), table["prompt"].to_pylist(), table["target"].to_pylist(), 320
+        tokenizer, table["artifact_type"].to_pylist(), table["prompt"].to_pylist(), table["target"].to_pylist(), 320, prompt_layout=LATEST_LAYOUT
     )
     width = max(len(e.input_ids) for e in examples)
     ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (width - len(e.input_ids)) for e in examples])
@@ -45,7 +46,7 @@ def batch_loss(model, tokenizer, table: pa.Table) -> float:
 def train_version(small_base, parent_dir, out_dir, table, lora=LoraSettings(r=8, alpha=16)):
     tokenizer = load_tokenizer(str(small_base))
     model = attach_trainable_adapter(load_base(str(small_base), None, CPU), parent_dir, lora, CPU)
-    dataset, _ = tokenize_train(table, tokenizer, 320)
+    dataset, _ = tokenize_train(table, tokenizer, 320, prompt_layout=LATEST_LAYOUT)
     train_adapter(model, tokenizer, dataset, FAST, out_dir, device="cpu", show_progress_bar=False)
     return model, tokenizer
 
@@ -92,7 +93,7 @@ def test_train_candidate_writes_only_the_adapter(small_base, tmp_path):
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
     steps = []
     record = train_candidate(
-        base, CPU, None, None, snapshot, RunConfig(train=FAST), tmp_path / "out",
+        base, CPU, None, None, snapshot, RunConfig(train=FAST), tmp_path / "out", prompt_layout=LATEST_LAYOUT,
         progress=lambda step, total: steps.append((step, total)), show_progress_bar=False,
     )  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]

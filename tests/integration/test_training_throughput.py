@@ -13,6 +13,7 @@ from incremental.dataset import assemble_plan, tokenize_train
 from incremental.manifest import BaseModelRef
 from incremental.modeling import Hardware, ResolvedBase, load_tokenizer
 from incremental.training import train_candidate
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import case_table as rows
 from conftest import eval_table
@@ -28,14 +29,14 @@ def test_a_training_run_records_its_throughput(small_base, tmp_path, caplog):
     cache = tmp_path / "cache" / "peak.json"
     with caplog.at_level(logging.INFO, logger="incremental"):
         record = train_candidate(
-            base, CPU, None, None, snapshot, config, tmp_path / "out", show_progress_bar=False, peak_cache=cache
+            base, CPU, None, None, snapshot, config, tmp_path / "out", prompt_layout=LATEST_LAYOUT, show_progress_bar=False, peak_cache=cache
         )
     assert record.tokens_per_second > 0
     assert 0 <= record.pad_per_real_token < 1
     assert 0 < record.mfu < 1.5
     assert record.peak_flops > 1e8
     # The counts are of the batches trained on: two whole epochs hold every target token twice.
-    dataset, _ = tokenize_train(snapshot.read_train(), load_tokenizer(str(small_base)), 320)
+    dataset, _ = tokenize_train(snapshot.read_train(), load_tokenizer(str(small_base)), 320, prompt_layout=LATEST_LAYOUT)
     assert record.target_tokens == 2 * sum(sum(label != -100 for label in row) for row in dataset["labels"])
     peaks = json.loads(cache.read_text())["peaks"]
     assert [entry["flops"] for entry in peaks.values()] == [pytest.approx(record.peak_flops, abs=1)]

@@ -30,6 +30,7 @@ from cli.main import _clip, _safe, app, console
 from incremental.errors import InvalidFeedbackError
 from incremental.feedback import FeedbackStore
 from incremental.feedback.ingest import MAX_CLOCK_SKEW, MAX_FIELD_BYTES
+from incremental.prompting import LATEST_LAYOUT
 
 from conftest import write_feedback_file, feedback_row, ids_in
 
@@ -213,14 +214,14 @@ def test_encode_examples_keeps_any_text_and_masks_only_the_prompt(tokenizer, not
     from incremental.dataset import IGNORE_INDEX, encode_examples
     from incremental.prompting import build_prompt
 
-    (encoded,) = encode_examples(tokenizer, [task], [notes], [target], max_length)
+    (encoded,) = encode_examples(tokenizer, [task], [notes], [target], max_length, prompt_layout=LATEST_LAYOUT)
     ids, labels = encoded.input_ids, encoded.labels
     assert len(ids) == len(labels) <= max_length
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     masked = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     assert all(label == IGNORE_INDEX for label in labels[:masked]) and labels[masked:] == ids[masked:]
     if not encoded.truncated:
-        assert tokenizer.decode(ids[1:-1], clean_up_tokenization_spaces=False) == build_prompt(task, notes) + target  # byte for byte
+        assert tokenizer.decode(ids[1:-1], clean_up_tokenization_spaces=False) == build_prompt(task, notes, prompt_layout=LATEST_LAYOUT) + target  # byte for byte
 
 
 # -- the CLI: CliRunner, and one real process -----------------------------------------------------

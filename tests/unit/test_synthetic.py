@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from incremental.prompting import ARTIFACT_TYPES, build_prompt
+from incremental.prompting import ARTIFACT_TYPES, LATEST_LAYOUT, build_prompt
 from incremental.synthetic import RELATED_TASKS, MeetingCase, generate_cases, related_task_pairs, synthetic_feedback
 
 # A character proxy for the token caps: the embedded base's BPE averages about 4 characters per
@@ -37,7 +37,7 @@ def attributes_in(case: MeetingCase) -> list[str]:
 
 def test_same_seed_same_cases_and_rows():
     assert generate_cases(30, 5) == generate_cases(30, 5)
-    assert related_task_pairs(30, 5) == related_task_pairs(30, 5)
+    assert related_task_pairs(30, 5, prompt_layout=1) == related_task_pairs(30, 5, prompt_layout=1)
     assert synthetic_feedback(30, 5, model="tiny") == synthetic_feedback(30, 5, model="tiny")
 
 
@@ -95,20 +95,20 @@ def test_relations_in_notes_appear_in_erd():
 
 
 def test_related_tasks_take_turns_and_copy_names_from_the_notes():
-    pairs = related_task_pairs(60, 2)
+    pairs = related_task_pairs(60, 2, prompt_layout=1)
     headers = Counter(p.split("\n")[0] for p, _ in pairs)
-    assert headers == {build_prompt(t, "x").split("\n")[0]: 20 for t in RELATED_TASKS}
+    assert headers == {build_prompt(t, "x", prompt_layout=1).split("\n")[0]: 20 for t in RELATED_TASKS}
     for prompt, target in pairs:
         names = re.findall(r'(?:^ *|/|"|<h2>)([A-Za-z]+)(?::|"|</h2>|$)', target, re.M)
         names = [n for n in names if n not in ("app", "entities", "path", "fields", "relations", "none", "Entities", "Relations")]
         assert names and all(n.lower().rstrip("s")[:4] in prompt.lower() for n in names), (names, prompt)
     with pytest.raises(ValueError, match="tasks"):
-        related_task_pairs(3, 0, tasks=("erd",))
+        related_task_pairs(3, 0, tasks=("erd",), prompt_layout=1)
 
 
 def test_summary_task_lists_what_the_notes_say():
-    pairs = related_task_pairs(50, 2, tasks=("summary",))
-    assert all(p.startswith(build_prompt("summary", "x").split("\n")[0]) for p, _ in pairs)
+    pairs = related_task_pairs(50, 2, tasks=("summary",), prompt_layout=1)
+    assert all(p.startswith(build_prompt("summary", "x", prompt_layout=1).split("\n")[0]) for p, _ in pairs)
     for prompt, target in pairs:
         assert target.startswith("Entities:\n") and "\nRelations:\n" in target
         names = [n for n in re.findall(r"^ {2,4}(\w+)$", target, re.M) if n != "none"]
@@ -117,10 +117,10 @@ def test_summary_task_lists_what_the_notes_say():
 
 def test_sequence_lengths_stay_under_the_caps():
     for case in generate_cases(1000, 8):
-        notes = len(build_prompt(case.artifact_type, case.notes)) / CHARS_PER_TOKEN["notes"]
+        notes = len(build_prompt(case.artifact_type, case.notes, prompt_layout=LATEST_LAYOUT)) / CHARS_PER_TOKEN["notes"]
         artifact = len(case.artifact) / CHARS_PER_TOKEN[case.artifact_type]
         assert notes <= MAX_PROMPT_TOKENS and artifact <= MAX_ARTIFACT_TOKENS and notes + artifact <= MAX_EXAMPLE_TOKENS
-    for prompt, target in related_task_pairs(300, 8):
+    for prompt, target in related_task_pairs(300, 8, prompt_layout=1):
         assert (len(prompt) + len(target)) / CHARS_PER_TOKEN["notes"] <= MAX_EXAMPLE_TOKENS
 
 
