@@ -51,6 +51,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/history_scaling.py
 	$(BIN)/python benchmarks/gate_quality.py
 	INCREMENTAL_THREADS=1 $(BIN)/python benchmarks/learning_curve.py
+	INCREMENTAL_THREADS=1 $(BIN)/python benchmarks/prompt_layout.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/flow_overhead.py

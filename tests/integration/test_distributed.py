@@ -30,7 +30,7 @@ def test_two_ranks_train_one_adapter_and_rank_0_alone_writes_it(small_base, tmp_
     snapshot = plan.write(tmp_path / "work")
     base = ResolvedBase(BaseModelRef(id=str(small_base)), str(small_base))
 
-    record = train_distributed(base, CPU, None, None, snapshot, CONFIG, tmp_path / "ddp", processes=2, threads=2)
+    record = train_distributed(base, CPU, None, None, snapshot, CONFIG, tmp_path / "ddp", prompt_layout=LATEST_LAYOUT, processes=2, threads=2)
 
     assert record.processes == 2 and [rank["rank"] for rank in record.ranks] == [0, 1]
     assert [rank["saved"] for rank in record.ranks] == [True, False]
@@ -53,7 +53,7 @@ def test_a_failing_rank_fails_the_training_with_its_output(small_base, tmp_path)
     snapshot = plan.write(tmp_path / "work")
     missing = ResolvedBase(BaseModelRef(id=str(tmp_path / "no-base")), str(tmp_path / "no-base"))
     with pytest.raises(DistributedTrainingError, match=r"(?s)training on 2 processes failed \(torchrun exit code 1\).*no-base"):
-        train_distributed(missing, CPU, None, None, snapshot, CONFIG, tmp_path / "ddp", processes=2, threads=2)
+        train_distributed(missing, CPU, None, None, snapshot, CONFIG, tmp_path / "ddp", prompt_layout=LATEST_LAYOUT, processes=2, threads=2)
     assert not (tmp_path / "ddp").exists() or not any((tmp_path / "ddp").iterdir())
 
 
