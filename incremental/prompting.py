@@ -5,14 +5,15 @@ directly and ends with the tokenizer's end-of-sequence token.
 
 A layout is part of what an adapter learned: a lineage keeps the layout its first version was
 trained with (the manifest records it as `prompt_layout`), so adapters trained before a newer
-layout existed keep reading the prompts they were trained on. A first version takes `LATEST_LAYOUT`.
+layout existed keep reading the prompts they were trained on. A first version takes the setting
+`INCREMENTAL_PROMPT_LAYOUT` (default `LATEST_LAYOUT`).
 
 - Layout 1 names the task in the first line only, far from where the artifact starts. The embedded
   base is pretrained with it (changing that would rebuild every cached base).
-- Layout 2 (the latest) names it after the notes, right before `### Output:`. With the task only at the top, a
-  small learner swapped artifact types night to night (ERDs written for prototype requests): one
-  seed of five clean nights on the embedded base reached validity 0.13 / 0.33 / 0.73 (erd / api /
-  prototype) by night 3 in layout 1 and 0.87 / 0.87 / 0.87 in layout 2 (BENCHMARKS.md).
+- Layout 2 (the latest) names it after the notes, right before `### Output:`. With the task only at
+  the top, a small learner swapped artifact types night to night (ERDs written for prototype
+  requests): on the embedded base, after three clean nights the weakest type was 0.00 valid in each
+  of 3 seeds in layout 1 and 0.73 to 0.87 in layout 2 (BENCHMARKS.md, prompt layout).
 """
 
 from __future__ import annotations
