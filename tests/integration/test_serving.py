@@ -25,10 +25,10 @@ from incremental import layout, serving
 from incremental.feedback import AlreadyRatedError
 from incremental.http_api import make_server
 from incremental.modeling import Hardware, ResolvedBase, load_base, load_scoring_model
+from incremental.prompting import PROMPT_LAYOUTS
 from incremental.registry import Registry
 from incremental.scoring import generate_greedy
 from incremental.serving import BASE, GenerationRequestError, Generator
-from incremental.prompting import LATEST_LAYOUT
 
 pytestmark = pytest.mark.integration
 CPU = Hardware(device="cpu", quantization="none")
@@ -192,16 +192,22 @@ def test_the_gate_judges_what_users_are_served(env, env_store, small_base):
         "Members borrow books.",
     ]
     prompts = [(artifact_type, text) for text in notes for artifact_type in ("erd", "api", "prototype")]
-    served = [Generator("tiny", env, version=v1, follow=False).generate(t, n, max_new_tokens=24).output for t, n in prompts]
-
     version_dir = registry.get(v1).path
     scoring_model, tokenizer = load_scoring_model(
         ResolvedBase(registry.get(v1).manifest.base_model, str(small_base)), CPU, {"candidate": version_dir, "parent": version_dir}
     )
     scoring_model.set_adapter("candidate")
-    batched = generate_greedy(scoring_model, tokenizer, prompts, max_new_tokens=24, prompt_layout=LATEST_LAYOUT, batch_size=4)
-    assert batched == served
-    assert len(set(served)) > 1  # the notes lead somewhere different: the comparison is not of empty strings
+    by_layout = {}
+    # Each prompt layout the version's manifest may name (the manifest is not among the hashed files).
+    for prompt_layout in PROMPT_LAYOUTS:
+        manifest = registry.root / v1 / layout.MANIFEST
+        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"prompt_layout": prompt_layout}))
+        served = [Generator("tiny", env, version=v1, follow=False).generate(t, n, max_new_tokens=24).output for t, n in prompts]
+        batched = generate_greedy(scoring_model, tokenizer, prompts, max_new_tokens=24, prompt_layout=prompt_layout, batch_size=4)
+        assert batched == served, prompt_layout
+        assert len(set(served)) > 1  # the notes lead somewhere different: the comparison is not of empty strings
+        by_layout[prompt_layout] = served
+    assert by_layout[1] != by_layout[2]  # the server really prompts in the layout the manifest names
 
 
 def test_a_request_in_flight_finishes_on_the_version_it_started_with(serving_v1, env, env_store, small_base, monkeypatch):
