@@ -372,9 +372,11 @@ def _layout_of(registry: Registry, target: str | None, settings: Settings) -> in
     return settings.prompt_layout if target is None else registry.get(target).manifest.prompt_layout
 
 
-def _decode(network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes: str, max_new_tokens: int, prompt_layout: int) -> str:
-    """One request through the one decoder (`scoring.generate_greedy`), prompted in the version's
-    `layout`, after checking it fits the context."""
+def _decode(
+    network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes: str, max_new_tokens: int, prompt_layout: int
+) -> str:
+    """One request through the one decoder (`scoring.generate_greedy`), prompted in the served version's
+    `prompt_layout`, after checking it fits the context."""
     n_prompt = len(prompt_ids(tokenizer, artifact_type, notes, prompt_layout=prompt_layout))
     context = getattr(network.config, "max_position_embeddings", None)
     if context is not None and n_prompt + max_new_tokens > context:
@@ -382,7 +384,8 @@ def _decode(network: torch.nn.Module, tokenizer: Any, artifact_type: str, notes:
             f"notes: {n_prompt} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's context of "
             f"{context} tokens; shorten the notes or lower max_new_tokens"
         )
-    return generate_greedy(network, tokenizer, [(artifact_type, notes)], max_new_tokens=max_new_tokens, prompt_layout=prompt_layout)[0]
+    prompts = [(artifact_type, notes)]
+    return generate_greedy(network, tokenizer, prompts, max_new_tokens=max_new_tokens, prompt_layout=prompt_layout)[0]
 
 
 def _pointer_stamp(path: Path) -> tuple[int, int, int, int] | None:
