@@ -43,7 +43,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import duckdb  # noqa: E402
 
-from benchmarks.state import learned_by_current, trainable_train_rows  # noqa: E402
+from benchmarks.state import learned_by_current, point_at, trainable_train_rows  # noqa: E402
 
 from incremental.config import RunConfig, ScreeningPolicy  # noqa: E402
 from incremental.feedback import FeedbackStore  # noqa: E402
@@ -68,10 +68,7 @@ POISONING_RATER = "dee"
 
 def use_state(folder: Path) -> None:
     """Point the settings (read by the flow at each run) at one state folder."""
-    os.environ["INCREMENTAL_DB_PATH"] = str(folder / "feedback.duckdb")
-    os.environ["INCREMENTAL_MODELS_ROOT"] = str(folder / "finetuned_models")
-    os.environ["INCREMENTAL_MODEL"] = MODEL
-    os.environ["INCREMENTAL_BASE_MODEL"] = "embedded"
+    point_at(folder, MODEL)
 
 
 def add_rows(folder: Path, rows: list[dict], prefix: str) -> list[str]:

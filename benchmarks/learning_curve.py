@@ -69,7 +69,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 from benchmarks.report import write_block  # noqa: E402
-from benchmarks.state import learned_by_current, trainable_train_rows  # noqa: E402
+from benchmarks.state import learned_by_current, point_at, trainable_train_rows  # noqa: E402
 from incremental.config import RunConfig, ScreeningPolicy  # noqa: E402
 from incremental.feedback import FeedbackStore  # noqa: E402
 from incremental.gate import METRICS  # noqa: E402
@@ -99,10 +99,7 @@ SCRATCH_F1_GAP, SCRATCH_COMPUTE_SHARE = 0.05, 1 / 3
 
 def use_state(folder: Path) -> None:
     """Point the settings (read by the flow at each run) at one state folder."""
-    os.environ["INCREMENTAL_DB_PATH"] = str(folder / "feedback.duckdb")
-    os.environ["INCREMENTAL_MODELS_ROOT"] = str(folder / "finetuned_models")
-    os.environ["INCREMENTAL_MODEL"] = MODEL
-    os.environ["INCREMENTAL_BASE_MODEL"] = "embedded"
+    point_at(folder, MODEL)
 
 
 def promote_always(config: RunConfig) -> RunConfig:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_block  # noqa: E402
+from benchmarks.state import point_at  # noqa: E402
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -59,10 +60,7 @@ def run_arm(seed: int, layout: int, nights: int, per_type: int, scratch: Path) -
 
     folder = scratch / f"seed{seed}-layout{layout}"
     folder.mkdir()
-    os.environ |= {
-        "INCREMENTAL_DB_PATH": str(folder / "feedback.duckdb"), "INCREMENTAL_MODELS_ROOT": str(folder / "finetuned_models"),
-        "INCREMENTAL_MODEL": MODEL, "INCREMENTAL_BASE_MODEL": "embedded", "INCREMENTAL_PROMPT_LAYOUT": str(layout),
-    }  # fmt: skip
+    point_at(folder, MODEL, prompt_layout=str(layout))
     store = FeedbackStore(folder / "feedback.duckdb")
     store.init()
     cases = fresh_cases(per_type, FRESH_SEED)
