@@ -54,3 +54,18 @@ def test_the_layout_setting_is_checked_by_name(monkeypatch):
     monkeypatch.setenv("INCREMENTAL_PROMPT_LAYOUT", "7")
     with pytest.raises(ValueError, match="INCREMENTAL_PROMPT_LAYOUT=7: use one of 1, 2"):
         Settings()
+
+
+def test_scores_of_one_layout_are_never_read_for_another_and_layout_1_keeps_its_cached_scores():
+    from incremental.evaluation import generation_scorer, nll_scorer
+    from incremental.modeling import Hardware
+    from incremental.scoring import scorer_id
+
+    cpu = Hardware(device="cpu", quantization="none")
+    assert nll_scorer(cpu, 320, 1) != nll_scorer(cpu, 320, 2)
+    assert generation_scorer(cpu, 320, 64, 1) != generation_scorer(cpu, 320, 64, 2)
+    # The ids the score cache held before layouts were recorded, all of them layout 1's.
+    assert nll_scorer(cpu, 320, 1) == scorer_id("nll", max_length=320, quantization="none", device="cpu")
+    assert generation_scorer(cpu, 320, 64, 1) == scorer_id(
+        "greedy", max_length=320, max_new_tokens=64, quantization="none", device="cpu"
+    )
