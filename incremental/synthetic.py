@@ -8,6 +8,7 @@ artifact can only be predicted well by reading its notes. It knows nothing about
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -233,6 +234,64 @@ _NEW_DOMAINS = (
     ),
 )
 _TYPE_OF = {**_ATTRIBUTE_TYPES, **_NEW_ATTRIBUTE_TYPES}
+_TYPE_NAMES = ("string", "string", "int", "decimal", "date", "bool")  # strings twice: the corpus's most common type
+
+
+def _type_of(attribute: str) -> str:
+    """An attribute's type: the corpus's own, else (an invented word) one fixed by the word itself."""
+    return _TYPE_OF.get(attribute) or _TYPE_NAMES[zlib.crc32(attribute.encode()) % len(_TYPE_NAMES)]
+
+
+# Invented domains: every entity, attribute and domain name a pronounceable made-up word (never a
+# word of the domains above or of the new ones), so the only way to predict a name is to copy it
+# from the notes. The embedded base can pretrain on a share of them (EmbeddedBaseSpec.
+# invented_name_share): a base that only ever saw the corpus's names recalls them instead of
+# copying, and then any batch with other names (a new customer's vocabulary) moves that recall and
+# costs trusted rows likelihood (BENCHMARKS.md, forgetting by token). A real code LLM copies names.
+_CONSONANTS, _VOWELS, _CODAS = "bdfgklmnprstvz", "aeiou", "nrls"
+_INVENTED_DOMAINS_DRAWN = 400
+
+
+def _reserved_words() -> set[str]:
+    words = set()
+    for domain in (*_DOMAINS, *_NEW_DOMAINS):
+        words.add(domain.name)
+        for entity, attributes in domain.entities.items():
+            words |= {entity.lower(), *attributes}
+    return words
+
+
+def _invented_word(rng: random.Random, reserved: set[str]) -> str:
+    while True:
+        syllables = rng.choice((2, 3))
+        word = "".join(
+            rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_CODAS) if rng.random() < 0.3 else "")
+            for _ in range(syllables)
+        )
+        if word not in reserved:
+            return word
+
+
+def invented_domains(n: int, seed: int) -> tuple[_Domain, ...]:
+    """`n` domains of 5 entities (4 attributes each) and 4 relations, every name an invented word."""
+    rng = random.Random(f"invented:{seed}")
+    reserved = _reserved_words()
+    verbs = sorted({relation.verb for domain in _DOMAINS for relation in domain.relations})
+    domains = []
+    for _ in range(n):
+        entities: dict[str, tuple[str, ...]] = {}
+        while len(entities) < 5:
+            name = _invented_word(rng, reserved).capitalize()
+            attributes: list[str] = []
+            while len(attributes) < 4:
+                attribute = _invented_word(rng, reserved)
+                if attribute not in attributes:
+                    attributes.append(attribute)
+            entities[name] = tuple(attributes)
+        names = list(entities)
+        relations = tuple(_rel(names[i], rng.choice(verbs), names[i + 1], many=rng.random() < 0.7) for i in range(4))
+        domains.append(_Domain(_invented_word(rng, reserved), entities, relations))
+    return tuple(domains)
 
 _HEADERS = (
     "Meeting notes: {domain} app",
@@ -356,7 +415,7 @@ def _render_erd(spec: _Spec) -> str:
         lines.append(f"  {r.source} ||--{'o{' if r.many else '||'} {r.target} : {r.verb.replace(' ', '_')}")
     for entity in spec.entities:
         lines.append(f"  {entity.name} {{")
-        lines.extend(f"    {_TYPE_OF[a]} {a}" for a in entity.attributes)
+        lines.extend(f"    {_type_of(a)} {a}" for a in entity.attributes)
         lines.append("  }")
     return "\n".join(lines)
 
@@ -370,12 +429,12 @@ def _render_api(spec: _Spec) -> str:
     for entity in spec.entities:
         lines += [f"    {entity.name}:", "      properties:"]
         for a in entity.attributes:
-            lines += [f"        {a}:", f"          type: {_OPENAPI_TYPES[_TYPE_OF[a]]}"]
+            lines += [f"        {a}:", f"          type: {_OPENAPI_TYPES[_type_of(a)]}"]
     return "\n".join(lines)
 
 
 def _render_input(attribute: str) -> str:
-    input_type = _INPUT_TYPES[_TYPE_OF[attribute]]
+    input_type = _INPUT_TYPES[_type_of(attribute)]
     # "text" is HTML's default input type; leaving it out keeps sequences short.
     return f'  <input name="{attribute}">' if input_type == "text" else f'  <input name="{attribute}" type="{input_type}">'
 
@@ -411,7 +470,7 @@ def _render_outline_yaml(spec: _Spec) -> str:
     for entity in spec.entities:
         plural = _plural(entity.name.lower())
         lines += [f"  {entity.name}:", f"    path: /{plural}", "    fields:"]
-        lines.extend(f"      {a}: {_TYPE_OF[a]}" for a in entity.attributes)
+        lines.extend(f"      {a}: {_type_of(a)}" for a in entity.attributes)
     lines.append("relations:")
     lines.extend(f"  - {r.source} {r.verb} {'many' if r.many else 'one'} {r.target}" for r in spec.relations)
     if not spec.relations:
@@ -495,28 +554,50 @@ def _draw(n: int, seed: int, salt: str, domains: Sequence[_Domain] = _DOMAINS) -
     return drawn
 
 
-def generate_cases(n: int, seed: int, artifact_types: Sequence[str] = ARTIFACT_TYPES, *, new_domain: bool = False) -> list[MeetingCase]:
+def _draw_with_invented(n: int, seed: int, salt: str, invented_share: float) -> list[tuple[_Spec, str, random.Random]]:
+    """`_draw` from the corpus's domains, with `invented_share` of the n drawn from invented domains
+    instead, spread evenly through the list; the corpus draws are the first ones `_draw` would give."""
+    if not 0.0 <= invented_share <= 1.0:
+        raise ValueError(f"invented_share={invented_share}: expected a share in [0, 1]")
+    k = round(n * invented_share)
+    if k == 0:
+        return _draw(n, seed, salt)
+    corpus = iter(_draw(n - k, seed, salt))
+    invented = iter(_draw(k, seed, f"{salt}:invented", invented_domains(_INVENTED_DOMAINS_DRAWN, 0)))
+    # Item i is invented when that brings the invented count so far to round((i + 1) * k / n).
+    return [next(invented) if round((i + 1) * k / n) > round(i * k / n) else next(corpus) for i in range(n)]
+
+
+def generate_cases(
+    n: int, seed: int, artifact_types: Sequence[str] = ARTIFACT_TYPES, *, new_domain: bool = False, invented_share: float = 0.0
+) -> list[MeetingCase]:
     """`n` distinct meeting notes, each with the artifact of a type drawn from `artifact_types`;
-    `new_domain=True` draws them from domains whose names the default corpus never uses."""
+    `new_domain=True` draws them from domains whose names the default corpus never uses, and
+    `invented_share` draws that share of them from invented domains (made-up words only)."""
     types = _check_types(artifact_types)
     cases = []
-    drawn = _draw(n, seed, "cases:new-domain", _NEW_DOMAINS) if new_domain else _draw(n, seed, "cases")
+    if new_domain and invented_share:
+        raise ValueError("generate_cases: new_domain and invented_share exclude each other; pick one")
+    drawn = _draw(n, seed, "cases:new-domain", _NEW_DOMAINS) if new_domain else _draw_with_invented(n, seed, "cases", invented_share)
     for spec, notes, rng in drawn:
         artifact_type = rng.choice(types)
         cases.append(MeetingCase(notes, artifact_type, _RENDERERS[artifact_type](spec)))
     return cases
 
 
-def related_task_pairs(n: int, seed: int, tasks: Sequence[str] = RELATED_TASKS, *, prompt_layout: int) -> list[tuple[str, str]]:
+def related_task_pairs(
+    n: int, seed: int, tasks: Sequence[str] = RELATED_TASKS, *, prompt_layout: int, invented_share: float = 0.0
+) -> list[tuple[str, str]]:
     """`n` (prompt, target) pairs of related tasks (notes -> outline of entities and relations), the
-    tasks taking turns; the prompt (in `prompt_layout`) names each pair's task."""
+    tasks taking turns; the prompt (in `prompt_layout`) names each pair's task. `invented_share` of
+    them come from invented domains (made-up words only)."""
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in RELATED_TASKS]
     if not tasks or unknown:
         raise ValueError(f"tasks={tasks!r}: expected a non-empty subset of {RELATED_TASKS}")
     return [
         (build_prompt(tasks[i % len(tasks)], notes, prompt_layout=prompt_layout), _RENDERERS[tasks[i % len(tasks)]](spec))
-        for i, (spec, notes, _) in enumerate(_draw(n, seed, SUMMARY_TASK))
+        for i, (spec, notes, _) in enumerate(_draw_with_invented(n, seed, SUMMARY_TASK, invented_share))
     ]
 
 

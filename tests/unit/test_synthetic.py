@@ -236,3 +236,54 @@ def test_corrected_feedback_rates_a_right_generation_good_and_corrects_the_rest(
     assert {row["generated_by"] for row in rows} == {"v1_20260101_000000"}
     with pytest.raises(ValueError, match="one generated output per case"):
         corrected_feedback(cases, ["x"], model="m")
+
+
+def test_invented_domains_use_made_up_words_only_and_render_valid_artifacts():
+    """The embedded base may pretrain on invented domains (EmbeddedBaseSpec.invented_name_share): they must
+    never use a word of the corpus or of the new domains, which the benchmarks keep new to the model."""
+    from incremental.artifacts import check_artifact
+    from incremental.synthetic import _INVENTED_DOMAINS_DRAWN, _reserved_words, invented_domains
+
+    domains = invented_domains(_INVENTED_DOMAINS_DRAWN, 0)  # the pool generate_cases draws from
+    assert domains == invented_domains(_INVENTED_DOMAINS_DRAWN, 0) and domains[:5] != invented_domains(5, 1)
+    words = {d.name for d in domains} | {w.lower() for d in domains for e, attrs in d.entities.items() for w in (e, *attrs)}
+    reserved = _reserved_words()
+    assert {"library", "vineyard", "barrel", "vintage", "title"} <= reserved  # corpus and new-domain names alike
+    assert len(words) > 5000 and not words & reserved
+    cases = generate_cases(90, 2, invented_share=1.0)
+    for case in cases:
+        check = check_artifact(case.artifact_type, case.artifact)
+        assert check.valid, (case.artifact_type, check.problems)
+        declared = {n.split(".")[-1].lower().removesuffix("_id") for n in check.names}  # a prototype's <select name="x_id">
+        assert declared <= words  # every declared name is invented
+
+
+def test_an_invented_share_mixes_evenly_and_keeps_the_corpus_draws():
+    plain = generate_cases(40, 6)
+    assert generate_cases(40, 6, invented_share=0.0) == plain
+    mixed = generate_cases(40, 6, invented_share=0.5)
+    corpus_notes = {c.notes for c in plain}
+    from_corpus = [c for c in mixed if c.notes in corpus_notes]
+    assert [c.notes for c in from_corpus] == [c.notes for c in plain[:20]]  # the first draws, in order
+    # spread evenly: every window of 4 holds 2 invented cases
+    flags = [c.notes not in corpus_notes for c in mixed]
+    assert all(sum(flags[i : i + 4]) == 2 for i in range(0, 40, 4))
+    pairs = related_task_pairs(30, 6, prompt_layout=1, invented_share=1 / 3)
+    def notes_of(prompt: str) -> str:  # layout 1: the notes sit between "### Notes:" and "### Output:"
+        return prompt.split("### Notes:\n", 1)[1].split("\n### Output:", 1)[0]
+
+    plain_notes = {notes_of(p) for p, _ in related_task_pairs(30, 6, prompt_layout=1)}
+    assert sum(notes_of(p) not in plain_notes for p, _ in pairs) == 10
+    for prompt, target in pairs:
+        assert (len(prompt) + len(target)) / CHARS_PER_TOKEN["notes"] <= MAX_EXAMPLE_TOKENS
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_an_invented_share_outside_0_1_is_refused(share):
+    with pytest.raises(ValueError, match="invented_share"):
+        generate_cases(10, 0, invented_share=share)
+
+
+def test_new_domain_and_invented_names_exclude_each_other():
+    with pytest.raises(ValueError, match="new_domain and invented_share"):
+        generate_cases(10, 0, new_domain=True, invented_share=0.5)
