@@ -77,18 +77,24 @@ class EmbeddedBaseSpec:
     learning_rate: float = 5e-3
     warmup_steps: int = 30
     share_variant_embeddings: bool = True  # one starting embedding for a word's space/case variants
+    # Share of pretraining examples (and of the tokenizer's corpus) from invented domains, whose names
+    # are made-up words: predicting them needs copying from the notes, as a real code LLM does. 0 keeps
+    # the corpus's names only (the default so far; BENCHMARKS.md, replay recipe, compares 0.5).
+    invented_name_share: float = 0.0
     eval_cases: int = 96  # held-out cases per task for the prompt-gain measurement
     seed: int = 0
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name not in ("seed", "code_share", "related_tasks", "share_variant_embeddings") and not value > 0:
+            if field.name not in ("seed", "code_share", "related_tasks", "share_variant_embeddings", "invented_name_share") and not value > 0:
                 raise ValueError(f"EmbeddedBaseSpec.{field.name}={value!r}: expected a positive number")
         if not self.related_tasks or not set(self.related_tasks) <= set(RELATED_TASKS):
             raise ValueError(
                 f"EmbeddedBaseSpec.related_tasks={self.related_tasks!r}: expected a non-empty subset of {RELATED_TASKS}"
             )
+        if not 0.0 <= self.invented_name_share <= 1.0:
+            raise ValueError(f"EmbeddedBaseSpec.invented_name_share={self.invented_name_share}: expected a share in [0, 1]")
         if not 0.0 <= self.code_share < 1.0:
             raise ValueError(f"EmbeddedBaseSpec.code_share={self.code_share}: expected a share in [0, 1)")
         if self.hidden_size % self.num_heads:
@@ -109,7 +115,10 @@ class EmbeddedBaseSpec:
 
     def fingerprint(self) -> str:
         """A short content hash of the spec and the recipe: the cache folder's name."""
-        payload = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        fields_ = asdict(self)
+        if not fields_["invented_name_share"]:  # added later: a spec without invented names keeps its cache folder
+            del fields_["invented_name_share"]
+        payload = json.dumps({"recipe": RECIPE_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -218,12 +227,15 @@ def _build(spec: EmbeddedBaseSpec, out: Path) -> dict:
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     tokenizer = _train_tokenizer(spec)
-    pairs = related_task_pairs(spec.pretrain_examples, spec.seed, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT)
+    pairs = related_task_pairs(
+        spec.pretrain_examples, spec.seed, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT, invented_share=spec.invented_name_share
+    )
     examples = [_encode(tokenizer, prompt, target) for prompt, target in pairs]
     # Artifacts alone, with no notes before them, as a code model meets Mermaid, OpenAPI and HTML in
     # its pretraining: the base learns their syntax (a LoRA cannot move the embeddings of tokens it
     # never saw) but not which artifact a meeting's notes call for; that is fine-tuning's job.
-    examples += [_encode(tokenizer, "", case.artifact) for case in generate_cases(spec.code_examples(), spec.seed + 3)]
+    code = generate_cases(spec.code_examples(), spec.seed + 3, invented_share=spec.invented_name_share)
+    examples += [_encode(tokenizer, "", case.artifact) for case in code]
     model = LlamaForCausalLM(_model_config(spec))
     if spec.share_variant_embeddings:
         _share_variant_embeddings(model, tokenizer)
@@ -264,11 +276,14 @@ def _build(spec: EmbeddedBaseSpec, out: Path) -> dict:
 
 def _train_tokenizer(spec: EmbeddedBaseSpec) -> PreTrainedTokenizerFast:
     """Byte-level BPE, so any text round-trips; `tokenizer(text)` prepends bos, as Llama's does."""
-    cases = generate_cases(spec.tokenizer_cases, spec.seed + 2)
+    cases = generate_cases(spec.tokenizer_cases, spec.seed + 2, invented_share=spec.invented_name_share)
     corpus = [c.notes for c in cases] + [c.artifact for c in cases]
     corpus += [
         prompt + target
-        for prompt, target in related_task_pairs(spec.tokenizer_cases, spec.seed + 2, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT)
+        for prompt, target in related_task_pairs(
+            spec.tokenizer_cases, spec.seed + 2, spec.related_tasks, prompt_layout=PRETRAIN_LAYOUT,
+            invented_share=spec.invented_name_share,
+        )
     ]
     bpe = Tokenizer(models.BPE(unk_token=UNK))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

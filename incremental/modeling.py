@@ -129,9 +129,10 @@ def resolve_base(settings: Settings) -> ResolvedBase:
     manifest names exactly which tiny model its adapter belongs to.
     """
     if settings.base_model == EMBEDDED_BASE:
-        from incremental.embedded import ensure_embedded_base
+        from incremental.embedded import EmbeddedBaseSpec, ensure_embedded_base
 
-        path = ensure_embedded_base(settings.embedded_cache_dir)
+        spec = EmbeddedBaseSpec(invented_name_share=settings.embedded_invented_name_share)
+        path = ensure_embedded_base(settings.embedded_cache_dir, spec)
         return ResolvedBase(BaseModelRef(id=EMBEDDED_BASE, revision=path.name), str(path))
     return ResolvedBase(BaseModelRef(id=settings.base_model, revision=settings.base_model_revision), settings.base_model)
 
@@ -190,6 +191,12 @@ def resolve_base_for(settings: Settings, parent_name: str | None, parent_base: B
 def check_same_base(parent_base: BaseModelRef, current: BaseModelRef, parent_name: str) -> None:
     """An adapter only fits the exact base it was trained on; refuse a mismatch before training."""
     if (parent_base.id, parent_base.revision) != (current.id, current.revision):
+        if parent_base.id == current.id == EMBEDDED_BASE:
+            raise ConfigurationError(
+                f"{parent_name} was trained on the embedded base {parent_base.revision}, but these settings build "
+                f"{current.revision}. Set INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE back to what the lineage was trained "
+                "with, or train under a new model name."
+            )
         raise ConfigurationError(
             f"{parent_name} was trained on base model {parent_base.id!r} (revision {parent_base.revision}), "
             f"but the settings name {current.id!r} (revision {current.revision}). Set INCREMENTAL_BASE_MODEL "

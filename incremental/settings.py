@@ -51,6 +51,15 @@ class Settings(BaseSettings):
         Path("~/.cache/incremental/embedded"),
         description="Where the embedded base model is built once and reused.",
     )
+    embedded_invented_name_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the embedded base's pretraining examples whose names are invented words, so that it "
+        "learns to copy names from the notes, as a real code LLM does, instead of recalling the corpus's (a different "
+        "base: its own cache folder, and versions trained on one base never continue on another). 0: the corpus only. "
+        "BENCHMARKS.md (replay recipe) compares 0.5 with 0.",
+    )
     threads: int | None = Field(
         None,
         ge=1,

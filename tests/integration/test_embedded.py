@@ -163,7 +163,7 @@ def test_default_tokenizer_keeps_sequences_short():
     ("field", "value"),
     [
         ("hidden_size", 31), ("vocab_size", 100), ("pretrain_steps", 0), ("warmup_steps", 10), ("code_share", 1.0),
-        ("related_tasks", ("erd",)),
+        ("related_tasks", ("erd",)), ("invented_name_share", 1.5), ("invented_name_share", -0.1),
     ],
 )
 def test_invalid_spec_names_the_field(field, value):
@@ -201,3 +201,16 @@ def test_two_processes_build_into_one_cache_once_and_the_other_says_it_waits(tmp
     # The one that lost the race says so, unless it only arrived after the build had finished.
     assert "waiting for it" in logs or logs.count("Embedded base model ready") == 1
     embedded.check_base_files(Path(paths.pop()))  # every file as the builder wrote it: never a torn cache
+
+
+def test_invented_names_make_another_base_and_leave_the_default_cache_folder_alone(built, tmp_path):
+    """A base pretrained on invented names is another base (its own folder, other weights and tokenizer);
+    adding the option did not move the default base's cache folder, so existing lineages keep theirs."""
+    assert EmbeddedBaseSpec().fingerprint() == "9ba752df4664f96e"  # the folder every earlier release built
+    assert EmbeddedBaseSpec(invented_name_share=0.0).fingerprint() == EmbeddedBaseSpec().fingerprint()
+    invented = EmbeddedBaseSpec(**{**TINY.__dict__, "invented_name_share": 0.5})
+    assert invented.fingerprint() != TINY.fingerprint()
+    other = ensure_embedded_base(tmp_path, invented)
+    assert other.name == invented.fingerprint()
+    assert json.loads((other / "embedded.json").read_text())["spec"]["invented_name_share"] == 0.5
+    assert (other / "tokenizer.json").read_text() != (built / "tokenizer.json").read_text()

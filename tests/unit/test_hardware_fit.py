@@ -96,3 +96,22 @@ def test_a_base_stored_quantized_otherwise_is_refused_before_loading(tmp_path, s
 )
 def test_a_base_that_fits_passes(tmp_path, stored, quantization):
     check_base_fits(str(stored_base(tmp_path / "base", stored)), None, Hardware(device="cpu", quantization=quantization))
+
+
+def test_an_invented_name_share_outside_0_1_names_the_setting(monkeypatch):
+    monkeypatch.setenv("INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE", "1.5")
+    with pytest.raises(ValueError, match="embedded_invented_name_share"):
+        Settings(_env_file=None)
+
+
+def test_a_lineage_on_one_embedded_base_is_not_continued_on_another():
+    """Switching INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE builds another base: a parent's adapter does not
+    fit it, and the refusal names the setting rather than INCREMENTAL_BASE_MODEL."""
+    from incremental.manifest import BaseModelRef
+    from incremental.modeling import check_same_base
+
+    parent = BaseModelRef(id="embedded", revision="9ba752df4664f96e")
+    check_same_base(parent, BaseModelRef(id="embedded", revision="9ba752df4664f96e"), "v3_20261207_120000")
+    with pytest.raises(ConfigurationError, match="INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE") as refused:
+        check_same_base(parent, BaseModelRef(id="embedded", revision="f14088929daf99ca"), "v3_20261207_120000")
+    assert "9ba752df4664f96e" in str(refused.value) and "f14088929daf99ca" in str(refused.value)
