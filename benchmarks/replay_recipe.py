@@ -3,14 +3,16 @@
 Issue 16's gap: a clean batch from a new domain, or corrections written in another valid style, raise the
 parent's target NLL on trusted rows by about +0.026 nats/token (margin 0.010), so the gate keeps the
 parent. That is forgetting, not noise: the candidate shifts probability towards the new vocabulary or
-style. This benchmark puts the same batches through the real `retrain` flow under several training
-recipes, side by side from the same accepted start (a fresh copy per trial), and reports per recipe the
+style (benchmarks/forgetting_by_token.py says which tokens). This benchmark puts the same batches through
+the real `retrain` flow under several training recipes, and on the default embedded base or one pretrained
+with invented names as well (`--invented-name-share`, a base that has to copy names from the notes), side
+by side from the same kind of accepted start (a fresh copy per trial), and reports per recipe and base the
 gate's verdicts and its pooled checks on trusted rows (target NLL, artifact validity, content F1), the
 rows learned, and the run's wall time (training is most of it). Poison kinds run with screening off
 (the gate alone), since more replay also dilutes what a poisoned batch does to trusted rows.
 
-    .venv/bin/python benchmarks/replay_recipe.py [--seeds 4] [--recipes default,ep6,replay256-ep6]
-        [--kinds new_domain,corrections_restyled] [--starts v4] [--part NAME | --merge A,B]
+    .venv/bin/python benchmarks/replay_recipe.py [--seeds 4] [--recipes default,ep6,replay4x-ep6]
+        [--kinds new_domain,corrections_restyled] [--starts v4] [--invented-name-share 0.5] [--part NAME | --merge A,B]
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--recipes", default="default,ep6,replay256-ep6")
+    parser.add_argument("--recipes", default="default,ep6,replay4x-ep6")
     parser.add_argument("--kinds", default="new_domain,corrections_restyled")
     parser.add_argument("--starts", default="v4", help="v2 (two clean days) and/or v4 (the demo's end state)")
     parser.add_argument(
