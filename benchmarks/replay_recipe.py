@@ -110,7 +110,7 @@ def _base(trial: dict) -> str:
 
 def table(trials: list[dict]) -> list[str]:
     lines = [
-        "| kind | start | base pretrained on | recipe | trials | accept / inconclusive / reject | rows learned "
+        "| kind | start | base pretrained on | recipe | trials | accept / inconclusive / reject / all held by screening | rows learned "
         "| trusted NLL change (median; highest upper end) | validity change (median; shown non-inferior) "
         "| content F1 change (median) | run s (median) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -135,7 +135,8 @@ def table(trials: list[dict]) -> list[str]:
         validity_cell = f"{_median([c[0] for c in validity])}; {sum(c[3] == 'pass' for c in validity)} of {len(validity)}" if validity else "-"
         lines.append(
             f"| {kind}{'' if group[0]['screening'] else ' (gate alone)'} | {start} | {base} | {name} | {len(group)} "
-            f"| {verdicts.count('accept')} / {verdicts.count('inconclusive')} / {verdicts.count('reject')} | {learned} "
+            f"| {verdicts.count('accept')} / {verdicts.count('inconclusive')} / {verdicts.count('reject')} / {verdicts.count('skipped')} "
+            f"| {learned} "
             f"| {nll_cell} | {validity_cell} | {_median([c[0] for c in f1])} | {statistics.median(t['run_seconds'] for t in group):.0f} |"
         )
     return lines
