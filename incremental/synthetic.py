@@ -7,6 +7,7 @@ artifact can only be predicted well by reading its notes. It knows nothing about
 
 from __future__ import annotations
 
+import functools
 import random
 import zlib
 from collections.abc import Sequence
@@ -272,6 +273,7 @@ def _invented_word(rng: random.Random, reserved: set[str]) -> str:
             return word
 
 
+@functools.cache  # pure: a base build draws from the same pool several times (tokenizer, pretraining, code)
 def invented_domains(n: int, seed: int) -> tuple[_Domain, ...]:
     """`n` domains of 5 entities (4 attributes each) and 4 relations, every name an invented word."""
     rng = random.Random(f"invented:{seed}")

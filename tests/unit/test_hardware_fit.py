@@ -98,10 +98,17 @@ def test_a_base_that_fits_passes(tmp_path, stored, quantization):
     check_base_fits(str(stored_base(tmp_path / "base", stored)), None, Hardware(device="cpu", quantization=quantization))
 
 
-def test_an_invented_name_share_outside_0_1_names_the_setting(monkeypatch):
-    monkeypatch.setenv("INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE", "1.5")
+@pytest.mark.parametrize("share", ["1.01", "-0.01"])
+def test_an_invented_name_share_outside_0_1_names_the_setting(monkeypatch, share):
+    monkeypatch.setenv("INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE", share)
     with pytest.raises(ValueError, match="embedded_invented_name_share"):
         Settings(_env_file=None)
+
+
+@pytest.mark.parametrize("share", ["0", "1"])
+def test_an_invented_name_share_of_0_or_1_is_accepted(monkeypatch, share):
+    monkeypatch.setenv("INCREMENTAL_EMBEDDED_INVENTED_NAME_SHARE", share)
+    assert Settings(_env_file=None).embedded_invented_name_share == float(share)
 
 
 def test_a_lineage_on_one_embedded_base_is_not_continued_on_another():

@@ -278,10 +278,22 @@ def test_an_invented_share_mixes_evenly_and_keeps_the_corpus_draws():
         assert (len(prompt) + len(target)) / CHARS_PER_TOKEN["notes"] <= MAX_EXAMPLE_TOKENS
 
 
-@pytest.mark.parametrize("share", [-0.1, 1.5])
+@pytest.mark.parametrize("share", [-0.01, 1.01])
 def test_an_invented_share_outside_0_1_is_refused(share):
     with pytest.raises(ValueError, match="invented_share"):
         generate_cases(10, 0, invented_share=share)
+    from incremental.embedded import EmbeddedBaseSpec
+
+    with pytest.raises(ValueError, match="invented_name_share"):
+        EmbeddedBaseSpec(invented_name_share=share)
+
+
+def test_an_invented_share_of_0_or_1_is_accepted():
+    from incremental.embedded import EmbeddedBaseSpec
+
+    assert len(generate_cases(10, 0, invented_share=1.0)) == 10
+    assert EmbeddedBaseSpec(invented_name_share=1.0).invented_name_share == 1.0
+    assert EmbeddedBaseSpec(invented_name_share=0.0).fingerprint() == EmbeddedBaseSpec().fingerprint()
 
 
 def test_new_domain_and_invented_names_exclude_each_other():
