@@ -4,6 +4,7 @@ and acceptance sampling per lot (one rater's rows from one source)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,6 +151,24 @@ def test_one_raters_bad_lot_never_holds_another_raters_rows_from_the_same_source
     out = {row.id: row.reason for row in hold_bad_lots(rows("rate", 20, k, "dee") + rows("rate", 40, 1, "ana"), POLICY)}
     assert all(out[f"rate-dee-{i}"] for i in range(20)) and "rater 'dee'" in out["rate-dee-19"]
     assert [i for i in range(40) if out[f"rate-ana-{i}"]] == [0]  # only ana's own suspect
+
+
+def test_a_flagged_raters_novel_rows_wait_without_holding_the_rest_of_their_lot():
+    # Measured on the demo's end state: a clean batch of 54 rows from a flagged rater had 8 rows new to
+    # the parent; counted as suspects they held all 54. Novel rows wait; the lot is judged on wrongness.
+    k = threshold(54, POLICY)
+    waiting = [
+        replace(row, reason=f"{NOVEL_FROM_FLAGGED_RATER}: its NLL is 5.0 robust SDs above the parent's") if i < k else row
+        for i, row in enumerate(rows("synthetic", 54, 0))
+    ]
+    out = {row.id: row.reason for row in hold_bad_lots(waiting, POLICY)}
+    assert [i for i in range(54) if out[f"synthetic-None-{i}"]] == list(range(k))
+    assert all(rule_of(out[f"synthetic-None-{i}"]) == NOVEL_FROM_FLAGGED_RATER for i in range(k))
+    # Rows flagged for what makes them wrong still count, beside the waiting ones.
+    wrong = [replace(row, reason="format: its target does not parse") if i >= 54 - k else row for i, row in enumerate(waiting)]
+    out = {row.id: row.reason for row in hold_bad_lots(wrong, POLICY)}
+    assert all(out.values()) and rule_of(out[f"synthetic-None-{k}"]) == LOT
+    assert f"{k} of 54 rows are suspect" in out[f"synthetic-None-{k}"]
 
 
 def test_binomial_tail():
