@@ -26,6 +26,7 @@ from prefect.states import Completed, Failed, State
 
 from flows.model_slot import OnBusy, model_slot
 from incremental.config import ModelName, RunConfig
+from incremental.recipe import fit_recipe
 from incremental.evaluation import EvalResult
 from incremental.feedback import CollectedFeedback
 from incremental.manifest import draft_manifest
@@ -105,11 +106,12 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
     screened: tuple[str, ...] = ()
     screened_types: list[str] = []
     screening_seconds = 0.0
+    novel_ids: frozenset[str] = frozenset()  # rows new to the parent (screening measures it)
     with tempfile.TemporaryDirectory(prefix=f"incremental-{model}-") as work_dir:
         # 4. Screening: the parent scores the new rows; suspect ones are held, not trained.
         if config.gate.screening.enabled:
             screening = call(screen_new_rows, settings, base, parent, collected, config)
-            screening_seconds = screening.wall_seconds
+            screening_seconds, novel_ids = screening.wall_seconds, screening.novel_ids
             if screening.suspects:
                 call(hold_rows, settings, model, screening.suspects, actor="screening", version=reservation.name)
                 screened = tuple(screening.suspects)
@@ -124,7 +126,14 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
                     "see `incremental feedback held`, release or exclude them"
                 )
                 return _skipped(model, parent.name, reason, logger, n_screened=len(screened))
-        logger.info("[INCREMENTAL] Training %s (builds on %s)", reservation.name, parent.name or "base model")
+        # 4b. A batch the parent finds new (a new domain, restyled corrections) trains with more replay
+        #     and epochs, so that learning it does not make trusted rows worse; other nights as configured.
+        novel = novel_ids.intersection(collected.new.column("id").to_pylist())
+        recipe = fit_recipe(config, len(novel), collected.new.num_rows)
+        config = recipe.config
+        logger.info(
+            "[INCREMENTAL] Training %s (builds on %s), recipe: %s", reservation.name, parent.name or "base model", recipe.description
+        )
         # 5. New rows + replay for training; eval rows (trusted / arrived with the batch) for judging.
         snapshot = call(build_dataset, settings, collected, config, Path(work_dir))
         call(publish_dataset_summary, model, reservation.name, dataset_summary_rows(collected, snapshot, screened_types))
@@ -188,6 +197,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
             evaluation=cost,
             eval_window=collected.window_record(),
             new_by_generating_version=collected.new_by_generating_version(),
+            recipe=recipe.description,
         )
         result = call(finalize_version, settings, model, reservation, manifest)
         progress.reservation = None  # the version exists now: nothing to undo

@@ -57,6 +57,12 @@ class DataRecord(BaseModel):
         default_factory=dict,
         description="How the eval rows were chosen: the per-type bound and anchors, and rows available vs scored.",
     )
+    recipe: str | None = Field(
+        None,
+        description="Which training recipe the run applied and why: 'configured', or 'novel batch (...)' when enough new "
+        "rows were new to the parent that replay and epochs were raised (RunConfig.novel_batch; run_config shows the "
+        "values trained with). None in manifests written before recipes were fitted.",
+    )
 
 
 class TrainingRecord(BaseModel):
@@ -215,6 +221,7 @@ def draft_manifest(
     evaluation: dict | None = None,
     eval_window: dict | None = None,
     new_by_generating_version: dict[str, int] | None = None,
+    recipe: str | None = None,
 ) -> Manifest:
     """The manifest of a finished candidate, before the registry settles status and promotion.
 
@@ -243,6 +250,7 @@ def draft_manifest(
             n_train_examples=len(snapshot.new_ids) + len(snapshot.replay_ids),
             eval_window=eval_window or {},
             new_by_generating_version=new_by_generating_version or {},
+            recipe=recipe,
         ),
         training=training,
         scores=scores,

@@ -92,7 +92,11 @@ class ScreeningResult:
     scores: dict[str, tuple[float, int]]  # {triple hash: (nll_sum, n_tokens)}, for the cache
     n_reference: int
     wall_seconds: float
-    n_novel: int = 0  # rows above the novelty threshold (checked more strictly, not held for it)
+    novel_ids: frozenset[str] = frozenset()  # rows above the novelty threshold (checked more strictly, not held for it)
+
+    @property
+    def n_novel(self) -> int:
+        return len(self.novel_ids)
 
     @property
     def suspects(self) -> dict[str, str]:
@@ -171,7 +175,7 @@ def screen_rows(
             np.array([gain for _, gain in measured if gain is not None]),
         )
     vocabulary = name_vocabulary([(r["artifact_type"], r["target"]) for r in refs + rows])
-    screened, n_novel = [], 0
+    screened, novel_ids = [], set()
     for row, rater in zip(rows, rater_column):
         task = row["artifact_type"]
         own, gain = measure(row)
@@ -179,11 +183,12 @@ def screen_rows(
         standing = (raters or {}).get(rater) or RaterStanding(rater)
         reason = suspect_reason(task, row["prompt"], row["target"], own, gain, ref_nll, ref_gain, policy, standing, vocabulary)
         z = _robust_z(own, ref_nll, policy.min_reference_rows)
-        n_novel += z is not None and z > policy.max_nll_z
+        if z is not None and z > policy.max_nll_z:
+            novel_ids.add(row["id"])
         share = grounded_share(task, row["target"], row["prompt"])
         screened.append(ScreenedRow(row["id"], task, row["source"], rater, own, gain, z, share, reason))
     return ScreeningResult(
-        tuple(hold_bad_lots(screened, policy)), scores, len(refs), round(time.perf_counter() - started, 2), n_novel
+        tuple(hold_bad_lots(screened, policy)), scores, len(refs), round(time.perf_counter() - started, 2), frozenset(novel_ids)
     )
 
 
@@ -240,10 +245,16 @@ def suspect_reason(
         )
     z = _robust_z(nll, reference_nll, policy.min_reference_rows)
     novel = z is not None and z > policy.max_nll_z
-    # Only where the parent demonstrably reads the notes for this type (a parent that does not, a base
-    # model say, gives clean rows a gain around zero too), and only for rows familiar to it: it cannot
-    # copy names it never saw, so a new domain's rows show no gain either (measured: BENCHMARKS.md).
-    reads_notes = reference_gain.size >= policy.min_reference_rows and float(np.median(reference_gain)) > policy.min_prompt_gain
+    # Only where the parent demonstrably reads the notes for this type, and only for rows familiar to it:
+    # it cannot copy names it never saw, so a new domain's rows show no gain either (measured:
+    # BENCHMARKS.md). "Demonstrably" is this rule's own false-flag rate on the parent's unseen trusted
+    # rows of the type (clean by definition): at most the clean_suspect_share the lot rule assumes.
+    # A parent that reads notes weakly (a first version after one small night) gives many clean rows
+    # a gain at or under zero: a median above zero let it flag 12 of 36 clean rows and hold their lot.
+    reads_notes = (
+        reference_gain.size >= policy.min_reference_rows
+        and float(np.mean(reference_gain > policy.min_prompt_gain)) >= 1 - policy.clean_suspect_share
+    )
     if gain is not None and reads_notes and not novel and gain <= policy.min_prompt_gain:
         reasons.append(
             f"{NO_PROMPT_GAIN}: its target is no more likely under its own notes than under other notes "

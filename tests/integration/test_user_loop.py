@@ -114,3 +114,43 @@ def test_the_users_loop_learns_their_corrections_without_a_release(prefect_api, 
     assert len(train_rows) >= 15, "too few rated rows in the train split for this test"
     assert len(train_rows - set(manifest.data.new_ids)) <= second.n_screened
     assert [m for m in env_store.marks("tiny") if m.action == "release"] == []
+
+
+def test_a_new_customers_domain_trains_with_the_novel_batch_recipe(prefect_api, env, env_store: FeedbackStore):
+    """A batch the parent finds new (here a new domain's names) gets more replay and epochs, recorded in the
+    manifest with its reason; an ordinary night from the distribution the lineage learned trains as configured."""
+    from flows.retrain import retrain
+
+    # Enough trusted eval rows of each type (screening's min_reference_rows) for novelty to be measured.
+    env_store.add_many([{**row, "id": f"day1-{i}"} for i, row in enumerate(synthetic_feedback(180, 41, model="tiny"))])
+    first = retrain(model="tiny", config=SCREENED)
+    assert first.status == "accepted", first.reasons
+    registry = Registry(env.models_root, "tiny")
+    v1 = registry.get(first.version).manifest
+    # Base mode: no parent to find anything new, so the configured recipe.
+    assert v1.data.recipe == f"configured (0 of {len(v1.data.new_ids)} new train rows are new to the parent)"
+    assert v1.run_config == SCREENED.model_dump(mode="json")
+
+    env_store.add_many([{**row, "id": f"day2-{i}"} for i, row in enumerate(synthetic_feedback(40, 45, model="tiny"))])
+    second = retrain(model="tiny", config=SCREENED)
+    assert second.status == "accepted", second.reasons
+    # A first version reads notes weakly: its prompt-gain rule once held this whole clean batch (36 of 36).
+    assert second.n_screened <= 2, second.n_screened
+    ordinary = registry.get(second.version).manifest
+    assert ordinary.data.recipe.startswith("configured ("), ordinary.data.recipe
+    assert ordinary.run_config == SCREENED.model_dump(mode="json") and ordinary.training.epochs == SCREENED.train.epochs
+
+    env_store.add_many([{**row, "id": f"new-domain-{i}"} for i, row in enumerate(synthetic_feedback(40, 44, model="tiny", new_domain=True))])
+    third = retrain(model="tiny", config=SCREENED)
+    manifest = registry.get(third.version).manifest
+    assert manifest.data.recipe.startswith("novel batch ("), manifest.data.recipe
+    novel = int(manifest.data.recipe.split("(")[1].split(" of ")[0])
+    assert novel >= SCREENED.novel_batch.min_novel_share * len(manifest.data.new_ids)
+    trained = manifest.run_config
+    assert (trained["data"]["replay_ratio"], trained["data"]["min_replay_rows"], trained["train"]["epochs"]) == (4.0, 256, 6.0)
+    assert manifest.training.epochs == 6.0
+    # Replay is everything the lineage learned: fewer than the recipe's 256 rows exist.
+    assert set(manifest.data.replay_ids) == set(v1.data.new_ids) | set(ordinary.data.new_ids)
+    assert {k: v for k, v in trained.items() if k not in ("data", "train")} == {
+        k: v for k, v in SCREENED.model_dump(mode="json").items() if k not in ("data", "train")
+    }
