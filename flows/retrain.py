@@ -106,12 +106,13 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
     screened: tuple[str, ...] = ()
     screened_types: list[str] = []
     screening_seconds = 0.0
-    novel_ids: frozenset[str] = frozenset()  # rows new to the parent (screening measures it)
+    novel_ids: frozenset[str] | None = None  # rows new to the parent; None: not measured (screening off, no reference)
     with tempfile.TemporaryDirectory(prefix=f"incremental-{model}-") as work_dir:
         # 4. Screening: the parent scores the new rows; suspect ones are held, not trained.
         if config.gate.screening.enabled:
             screening = call(screen_new_rows, settings, base, parent, collected, config)
-            screening_seconds, novel_ids = screening.wall_seconds, screening.novel_ids
+            screening_seconds = screening.wall_seconds
+            novel_ids = screening.novel_ids if screening.novelty_measured else None
             if screening.suspects:
                 call(hold_rows, settings, model, screening.suspects, actor="screening", version=reservation.name)
                 screened = tuple(screening.suspects)
@@ -128,8 +129,8 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
                 return _skipped(model, parent.name, reason, logger, n_screened=len(screened))
         # 4b. A batch the parent finds new (a new domain, restyled corrections) trains with more replay
         #     and epochs, so that learning it does not make trusted rows worse; other nights as configured.
-        novel = novel_ids.intersection(collected.new.column("id").to_pylist())
-        recipe = fit_recipe(config, len(novel), collected.new.num_rows)
+        novel = None if novel_ids is None else len(novel_ids.intersection(collected.new.column("id").to_pylist()))
+        recipe = fit_recipe(config, novel, collected.new.num_rows)
         config = recipe.config
         logger.info(
             "[INCREMENTAL] Training %s (builds on %s), recipe: %s", reservation.name, parent.name or "base model", recipe.description

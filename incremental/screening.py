@@ -99,6 +99,11 @@ class ScreeningResult:
         return len(self.novel_ids)
 
     @property
+    def novelty_measured(self) -> bool:
+        """Whether any row could be judged new or not: its type had min_reference_rows unseen trusted rows."""
+        return any(row.nll_z is not None for row in self.rows)
+
+    @property
     def suspects(self) -> dict[str, str]:
         return {row.id: row.reason for row in self.rows if row.reason is not None}
 

@@ -54,6 +54,12 @@ def test_the_recipe_only_raises_what_the_configuration_asks_for():
     assert fit_recipe(stronger, 54, 54).config == stronger
 
 
+def test_a_batch_whose_novelty_was_not_measured_trains_as_configured():
+    fitted = fit_recipe(DEFAULT, None, 54)
+    assert fitted.config == DEFAULT and not fitted.applied
+    assert fitted.description.startswith("configured (novelty not measured")
+
+
 def test_a_disabled_recipe_trains_every_batch_as_configured():
     off = RunConfig(novel_batch=NovelBatchRecipe(enabled=False))
     assert fit_recipe(off, 54, 54).config == off and not fit_recipe(off, 54, 54).applied
