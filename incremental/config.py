@@ -164,7 +164,9 @@ class ScreeningPolicy(BaseModel):
     min_prompt_gain: float = Field(
         0.0,
         description="A row whose target is no more likely under its own notes than under other notes by more than "
-        "this (nats per token) is suspect: it does not follow from its notes.",
+        "this (nats per token) is suspect: it does not follow from its notes. Judged only for a type where the parent "
+        "demonstrably reads notes (at most clean_suspect_share of its unseen trusted rows of the type at or under this) "
+        "and for rows not new to it.",
     )
     min_grounded_share: float = Field(
         0.6, ge=0.0, le=1.0,
@@ -181,7 +183,8 @@ class ScreeningPolicy(BaseModel):
         4.0, gt=0.0,
         description="Novelty threshold: a row whose per-token NLL is this many robust standard deviations above the "
         "parent's NLL on unseen rows of its type is new to the parent. That holds nothing by itself (a correction is "
-        "by definition new); a novel row must have every declared name in its notes, and a flagged rater's novel rows wait.",
+        "by definition new); a novel row must have every declared name in its notes, and a flagged rater's novel rows wait. "
+        "A batch with novel_batch.min_novel_share or more novel train rows trains with the novel-batch recipe.",
     )
     min_reference_rows: int = Field(
         6, ge=2, description="Fewer unseen trusted rows of an artifact type than this and the parent-based rules skip that type."
