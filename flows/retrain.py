@@ -137,7 +137,7 @@ def _run(settings: Settings, model: str, config: RunConfig, progress: _Progress,
         )
         # 5. New rows + replay for training; eval rows (trusted / arrived with the batch) for judging.
         snapshot = call(build_dataset, settings, collected, config, Path(work_dir))
-        call(publish_dataset_summary, model, reservation.name, dataset_summary_rows(collected, snapshot, screened_types))
+        call(publish_dataset_summary, model, reservation.name, dataset_summary_rows(collected, snapshot, screened_types), recipe.description)
         # 6. Continue the parent's adapter (or start one) on the train split.
         training = call(train_candidate, settings, base, parent, snapshot, config, reservation.staging_dir)
         # 7. Candidate and parent on the same eval snapshot, per example (a crash becomes the gate's evidence).

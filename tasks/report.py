@@ -55,6 +55,8 @@ def publish_history(settings: Settings, model: str) -> None:
 
 
 @task(name="publish-dataset-summary", cache_policy=NO_CACHE)
-def publish_dataset_summary(model: str, version: str, rows: list[dict[str, object]]) -> None:
-    """New, replay, eval (trusted / with the batch), rejected, held and screened rows per artifact type."""
-    create_table_artifact(rows, key=artifact_key("dataset", model), description=f"Data of {version}: rows per artifact type")
+def publish_dataset_summary(model: str, version: str, rows: list[dict[str, object]], recipe: str | None = None) -> None:
+    """New, replay, eval (trusted / with the batch), rejected, held and screened rows per artifact type, and the
+    training recipe the run fitted to the batch (`FittedRecipe.description`)."""
+    described = f"Data of {version}: rows per artifact type" + (f". Recipe: {recipe}" if recipe else "")
+    create_table_artifact(rows, key=artifact_key("dataset", model), description=described)

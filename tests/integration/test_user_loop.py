@@ -154,3 +154,11 @@ def test_a_new_customers_domain_trains_with_the_novel_batch_recipe(prefect_api, 
     assert {k: v for k, v in trained.items() if k not in ("data", "train")} == {
         k: v for k, v in SCREENED.model_dump(mode="json").items() if k not in ("data", "train")
     }
+    # The run's data artifact in the Prefect UI says which recipe ran and why.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])))
+    described = [t.description for t in tables if (t.description or "").startswith(f"Data of {third.version}")]
+    assert described == [f"Data of {third.version}: rows per artifact type. Recipe: {manifest.data.recipe}"]
