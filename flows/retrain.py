@@ -26,10 +26,10 @@ from prefect.states import Completed, Failed, State
 
 from flows.model_slot import OnBusy, model_slot
 from incremental.config import ModelName, RunConfig
-from incremental.recipe import fit_recipe
 from incremental.evaluation import EvalResult
 from incremental.feedback import CollectedFeedback
 from incremental.manifest import draft_manifest
+from incremental.recipe import fit_recipe
 from incremental.registry import Reservation
 from incremental.reporting import RunSummary, dataset_summary_rows
 from incremental.settings import Settings
