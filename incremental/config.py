@@ -329,8 +329,8 @@ class NovelBatchRecipe(BaseModel):
         0.25, gt=0.0, le=1.0,
         description="Share of the new train rows (after screening) that must be new to the parent (screening's novelty: "
         "max_nll_z robust SDs above its NLL on unseen trusted rows of the type) for the batch to count as novel. "
-        "Measured from the demo's end state: 0 to 15 % for clean batches and exact corrections, 88 to 92 % for "
-        "restyled corrections, 100 % for a new domain.",
+        "Measured from the demo's end state: 0 to 15 % for clean batches and exact corrections, 85 to 100 % for "
+        "restyled corrections, 100 % for a new domain (BENCHMARKS.md, novel-batch recipe).",
     )
     replay_ratio: float = Field(4.0, ge=0.0, le=10.0, description="Replayed older rows per new row for a novel batch.")
     min_replay_rows: int = Field(256, ge=0, description="Replayed rows a novel batch gets at least (still capped by max_replay_rows).")
