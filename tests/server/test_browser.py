@@ -40,7 +40,7 @@ def test_custom_run_form_shows_the_run_config(chromium, prefect_server, served, 
 
     schema = prefect_server.deployment("retrain/manual-tiny")["parameter_openapi_schema"]
     sections = {key: field_label(key, prop) for key, prop in schema["definitions"]["RunConfig"]["properties"].items()}
-    assert set(sections) == {"lora", "train", "data", "gate"}, sections
+    assert set(sections) == {"lora", "train", "data", "gate", "novel_batch"}, sections
 
     # Deployments → manual-tiny → Run → Custom run, as a person clicks it.
     page.goto(f"{prefect_server.url}/deployments")
@@ -59,7 +59,9 @@ def test_custom_run_form_shows_the_run_config(chromium, prefect_server, served, 
     for label in sections.values():
         expect(form_property(page, label)).to_be_visible()
     # A field of each section, with its default from incremental/config.py.
-    for section, field, value in [("Lora", "R", "16"), ("Train", "Epochs", "4"), ("Data", "Min New Rows", "1")]:
+    for section, field, value in [
+        ("Lora", "R", "16"), ("Train", "Epochs", "4"), ("Data", "Min New Rows", "1"), ("Novel Batch", "Epochs", "6"),
+    ]:
         expect(form_property(form_property(page, section), field).get_by_role("spinbutton")).to_have_value(value)
     expect(form_property(form_property(page, "Gate"), "Screening")).to_be_visible()
     shoot("form")
