@@ -55,6 +55,10 @@ CASES = [
     # Its median reads notes, but the rule would flag 2 of its 7 clean trusted rows (more than clean_suspect_share).
     ("parent that reads notes weakly: gain rule off", NOTES, ERD, 0.2, -0.5, np.array([-0.05, 0.0, 0.02, 0.05, 0.1, 0.12, 0.2]), None, None),
     ("parent that reads notes on every trusted row: gain rule on", NOTES, ERD, 0.2, -0.5, np.array([0.01, 0.02, 0.02, 0.05, 0.1, 0.12, 0.2]), None, NO_PROMPT_GAIN),
+    # The boundary: with 20 trusted rows, 1 at or under the threshold is 5 % (rule on), 2 are 10 % (off); a gain of
+    # exactly the threshold counts as not reading the notes.
+    ("1 of 20 trusted rows without gain: gain rule on", NOTES, ERD, 0.2, -0.5, np.array([0.0] + [0.1] * 19), None, NO_PROMPT_GAIN),
+    ("2 of 20 trusted rows without gain: gain rule off", NOTES, ERD, 0.2, -0.5, np.array([0.0, 0.0] + [0.1] * 18), None, None),
     ("too few reference rows: gain rule off", NOTES, ERD, 0.2, -0.5, REF_GAIN[:5], None, None),
     # Novelty alone never holds: a correction is by definition what the parent does not do yet.
     ("novel but grounded: not held", NOTES, ERD, 0.2 + 40 * SD, 0.15, REF_GAIN, None, None),
